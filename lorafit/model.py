@@ -1,0 +1,211 @@
+"""The LLaMA-family decoder, readable top to bottom.
+
+Module names match Hugging Face's LlamaForCausalLM (q_proj, gate_proj, input_layernorm, ...), so
+weights and PEFT adapters map by name alone, and rotary embeddings use HF's rotate-half layout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lorafit.config import Config
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich, 2019), computed in float32 as Llama does."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inverse_frequencies(config: Config) -> torch.Tensor:
+    """RoPE's per-pair rotation speeds, with Llama 3's long-context rescaling when configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    # Llama 3: slow (long-wavelength) frequencies are divided by `factor`, fast ones kept, and the
+    # band in between interpolated smoothly.
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_freq_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def build_rope_cache(config: Config, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (length, head_dim) for positions 0..length-1."""
+    inv_freq = rope_inverse_frequencies(config).to(device)
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, heads, T, head_dim) queries or keys; HF layout: pairs are (i, i + head_dim/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values, so decoding allocates nothing per step."""
+
+    def __init__(self, batch_size: int, n_kv_head: int, max_length: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        shape = (batch_size, n_kv_head, max_length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store keys/values for positions start.. and return all keys/values up to them."""
+        end = start + k.size(2)
+        if end > self.k.size(2):
+            raise ValueError(f"KV cache holds {self.k.size(2)} positions; asked for {end}")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(start, k, v)
+        y = self.attend(q, k, v, start)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        """Causal attention of T new queries (at positions start..) over all keys so far."""
+        T, S = q.size(2), k.size(2)
+        mask, is_causal = None, False
+        if T > 1 and start == 0:
+            is_causal = True
+        elif T > 1:
+            # A prefill that continues a cached sequence: query i sees keys 0..start+i.
+            q_pos = torch.arange(start, start + T, device=q.device)
+            mask = torch.arange(S, device=q.device)[None, :] <= q_pos[:, None]
+        # A single new query attends to every cached key, so it needs no mask.
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_head != self.n_head
+        )
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer, 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.self_attn = CausalSelfAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LLaMA(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.activation_checkpointing = False
+        # cos/sin tables, built on first use on the model's device and grown on demand.
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the LM head when the config says so (re-run after loading)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def rope(self, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin rows for positions start..start+length-1."""
+        if self._rope is None or self._rope[0].size(0) < start + length or self._rope[0].device != device:
+            size = max(start + length, 2048)
+            self._rope = build_rope_cache(self.config, size, device)
+        cos, sin = self._rope
+        return cos[start : start + length], sin[start : start + length]
+
+    def hidden_states(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Final-normed hidden states (B, T, n_embd) for tokens idx at positions start..."""
+        x = self.embed_tokens(idx)
+        cos, sin = self.rope(start, idx.size(1), idx.device)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        for block in self.layers:
+            if self.activation_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, start, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, start)
+        return self.norm(x)
+
+    def forward(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids idx (B, T) at positions start.. (start > 0 needs a KV cache)."""
+        return self.lm_head(self.hidden_states(idx, start))
+
+    def setup_kv_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None) -> None:
+        """Give every layer a preallocated KV cache for max_length positions."""
+        param = self.embed_tokens.weight
+        for block in self.layers:
+            attn = block.self_attn
+            attn.kv_cache = KVCache(batch_size, attn.n_kv_head, max_length, attn.head_dim,
+                                    dtype or param.dtype, param.device)
+
+    def clear_kv_cache(self) -> None:
+        for block in self.layers:
+            block.self_attn.kv_cache = None
+
+    @property
+    def kv_cache_length(self) -> int:
+        """Positions the KV cache holds (0 when there is none)."""
+        cache = self.layers[0].self_attn.kv_cache
+        return 0 if cache is None else cache.k.size(2)
