@@ -1,0 +1,397 @@
+"""LoRA (Hu et al., 2021): h = W x + (alpha / r) · B A x, with W frozen and only A, B trained.
+
+Adapters are saved and loaded in PEFT's format (adapter_model.safetensors + adapter_config.json),
+so `peft.PeftModel.from_pretrained` reads ours and we read PEFT's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+# Short target names -> the module names in the model (Hugging Face's, so they also name PEFT's target_modules).
+TARGETS = {
+    "q": "q_proj",
+    "k": "k_proj",
+    "v": "v_proj",
+    "o": "o_proj",
+    "gate": "gate_proj",
+    "up": "up_proj",
+    "down": "down_proj",
+    "lm_head": "lm_head",
+}
+# "all" means every linear layer inside the blocks; like PEFT's "all-linear" it leaves out the LM head.
+ALL_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+
+
+def parse_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
+    """Target names from "q,v", "all" or a sequence of TARGETS keys, validated and in TARGETS order."""
+    names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
+    if "all" in names:
+        names = [n for n in names if n != "all"] + list(ALL_LINEAR)
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown:
+        raise ValueError(f"unknown LoRA target(s) {', '.join(map(repr, unknown))}; known: {', '.join(TARGETS)}, all")
+    if not names:
+        raise ValueError("no LoRA targets given")
+    return tuple(t for t in TARGETS if t in names)
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA hyperparameters."""
+
+    r: int = 8
+    """Rank of the update B A."""
+    alpha: float = 16
+    """Scale of the update: it is multiplied by alpha / r (alpha / sqrt(r) with rslora)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA branch's input during training."""
+    targets: tuple[str, ...] = ("q", "v")
+    """Which linear layers get LoRA: keys of TARGETS (a string like "q,v" or "all" is parsed)."""
+    rslora: bool = False
+    """Rank-stabilised scaling (Kalajdzievski, 2023): alpha / sqrt(r) instead of alpha / r."""
+
+    def __post_init__(self) -> None:
+        self.targets = parse_targets(self.targets)
+        if self.r < 1:
+            raise ValueError(f"LoRA rank r must be at least 1, got {self.r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+class LoRALinear(nn.Linear):
+    """A frozen nn.Linear plus a trainable low-rank update; the base weight keeps its name `weight`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        scaling: float,
+        dropout: float = 0.0,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.r, self.scaling = r, scaling
+        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=dtype)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.reset_lora_parameters()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int, scaling: float, dropout: float = 0.0) -> LoRALinear:
+        """Wrap an existing layer, sharing (not copying) its weight; LoRA weights go beside it."""
+        weight = linear.weight
+        # Built on meta so the base weight is not allocated and initialised a second time.
+        lora = cls(
+            linear.in_features,
+            linear.out_features,
+            r,
+            scaling,
+            dropout,
+            bias=linear.bias is not None,
+            device="meta",
+            dtype=weight.dtype,
+        )
+        lora.weight, lora.bias = weight, linear.bias
+        lora.materialize()
+        return lora
+
+    def reset_lora_parameters(self) -> None:
+        """A as nn.Linear initialises its weight, B zero: training starts exactly at the base model."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def materialize(self) -> None:
+        """Give LoRA weights still on the meta device real, initialised storage on the base weight's device."""
+        if self.lora_A.weight.is_meta and not self.weight.is_meta:
+            self.lora_A.to_empty(device=self.weight.device)
+            self.lora_B.to_empty(device=self.weight.device)
+            self.reset_lora_parameters()
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling · B A, in the base weight's dtype (computed in float32)."""
+        delta = self.lora_B.weight.float() @ self.lora_A.weight.float()
+        return (delta * self.scaling).to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into W in place, so forward runs at the base model's cost."""
+        if not self.merged:
+            self.weight += self.delta_weight()
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the update back out of W."""
+        if self.merged:
+            self.weight -= self.delta_weight()
+            self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return out
+        # The LoRA weights may be kept in a wider dtype than the frozen base (e.g. float32 beside bfloat16).
+        h = self.lora_dropout(x.to(self.lora_A.weight.dtype))
+        return out + (self.lora_B(self.lora_A(h)) * self.scaling).to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """(name, module) for every LoRALinear in the model."""
+    return ((name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear))
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig) -> int:
+    """Put LoRA on the configured linear layers in place, freeze everything else; return the trainable count."""
+    targets = parse_targets(config.targets)
+    if any(True for _ in lora_modules(model)):
+        raise ValueError("the model already has LoRA layers")
+    lm_head = getattr(model, "lm_head", None)
+    embed = getattr(model, "embed_tokens", None)
+    if "lm_head" in targets and lm_head is not None and embed is not None and lm_head.weight is embed.weight:
+        raise ValueError(
+            "LoRA target 'lm_head' is not supported on a model with tied embeddings (tie_embeddings=True): "
+            "lm_head shares its weight with embed_tokens, so merging would change the embedding too"
+        )
+    chosen = _target_linears(model, targets)
+    if not chosen:
+        raise ValueError(f"the model has no linear layers named {', '.join(TARGETS[t] for t in targets)}")
+    for name, linear in chosen:
+        _replace(model, name, LoRALinear.from_linear(linear, config.r, config.scaling, config.dropout))
+    for param in model.parameters():
+        param.requires_grad = False
+    for _, module in lora_modules(model):
+        module.lora_A.weight.requires_grad = True
+        module.lora_B.weight.requires_grad = True
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _target_linears(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[str, nn.Linear]]:
+    """The plain nn.Linear layers that the given targets name."""
+    wanted = {TARGETS[t] for t in targets}
+    return [
+        (name, m) for name, m in model.named_modules() if name.rpartition(".")[2] in wanted and type(m) is nn.Linear
+    ]
+
+
+def materialize_lora(model: nn.Module) -> None:
+    """After building on meta, applying LoRA and loading base weights with assign=True: initialise LoRA weights."""
+    for _, module in lora_modules(model):
+        module.materialize()
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the LoRA tensors, under lorafit's names (e.g. layers.0.self_attn.q_proj.lora_A.weight)."""
+    tensors = {}
+    for name, module in lora_modules(model):
+        tensors[f"{name}.lora_A.weight"] = module.lora_A.weight.detach()
+        tensors[f"{name}.lora_B.weight"] = module.lora_B.weight.detach()
+    return tensors
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every LoRA update into its base weight and put plain nn.Linear layers back."""
+    for name, module in list(lora_modules(model)):
+        module.merge()
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        linear.weight, linear.bias = module.weight, module.bias
+        _replace(model, name, linear)
+
+
+# ---- PEFT format ------------------------------------------------------------------------------
+
+
+def to_peft_key(name: str) -> str:
+    """lorafit tensor name -> PEFT's: the model's own body sits under `model.` in LlamaForCausalLM."""
+    return PEFT_PREFIX + (name if name.startswith("lm_head.") else "model." + name)
+
+
+def from_peft_key(key: str) -> str:
+    """PEFT tensor name -> lorafit's (the inverse of to_peft_key)."""
+    name = key.removeprefix(PEFT_PREFIX).removeprefix("model.")
+    # PEFT calls the layer it wraps `base_layer`; ours is the LoRALinear itself.
+    return name.replace(".base_layer.", ".")
+
+
+def _write_atomically(path: Path, write: Any) -> None:
+    """Call write(temp_path), then rename over path, so a crash never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def peft_config(config: LoRAConfig, base_model_name_or_path: str) -> dict[str, Any]:
+    """adapter_config.json's contents for this LoRA config."""
+    alpha = int(config.alpha) if float(config.alpha).is_integer() else config.alpha
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": config.r,
+        "lora_alpha": alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": [TARGETS[t] for t in config.targets],
+        "use_rslora": config.rslora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "use_dora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+
+
+def save_peft_adapter(model: nn.Module, config: LoRAConfig, out_dir: str | Path, base_model_name_or_path: str) -> None:
+    """Write adapter_model.safetensors + adapter_config.json as PEFT does."""
+    tensors = {to_peft_key(k): v.to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
+    if not tensors:
+        raise ValueError("the model has no LoRA layers to save; call apply_lora first")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomically(out / ADAPTER_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    text = json.dumps(peft_config(config, base_model_name_or_path), indent=2) + "\n"
+    _write_atomically(out / ADAPTER_CONFIG, lambda p: p.write_text(text))
+
+
+# Fields of adapter_config.json that describe something lorafit's LoRA does not do, with the value meaning "off".
+_UNSUPPORTED_FIELDS = (
+    "use_dora",
+    "lora_bias",
+    "modules_to_save",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+    "exclude_modules",
+    "trainable_token_indices",
+    "target_parameters",
+    "layer_replication",
+    "use_qalora",
+    "alora_invocation_tokens",
+)
+# Initialisations that rewrite the base weights, so the adapter only fits a base model we do not have.
+_BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda")
+
+
+def config_from_peft(peft: dict[str, Any], where: str) -> LoRAConfig:
+    """A LoRAConfig from adapter_config.json's contents, or a clear error naming the field we cannot honour."""
+    if peft.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{where}: peft_type={peft['peft_type']!r} is not supported (only 'LORA')")
+    if peft.get("bias", "none") != "none":
+        raise ValueError(f"{where}: bias={peft['bias']!r} is not supported (only 'none')")
+    if peft.get("fan_in_fan_out"):
+        raise ValueError(f"{where}: fan_in_fan_out=true is not supported (that is for GPT-2's Conv1D layers)")
+    for key in _UNSUPPORTED_FIELDS:
+        if peft.get(key) not in (None, False, {}, []):
+            raise ValueError(f"{where}: {key}={peft[key]!r} is not supported")
+    init = peft.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise ValueError(f"{where}: init_lora_weights={init!r} changes the base weights; not supported")
+    return LoRAConfig(
+        r=peft["r"],
+        alpha=peft.get("lora_alpha", 8),
+        dropout=peft.get("lora_dropout", 0.0),
+        targets=_targets_from_peft(peft.get("target_modules"), where),
+        rslora=bool(peft.get("use_rslora", False)),
+    )
+
+
+def _targets_from_peft(modules: Any, where: str) -> tuple[str, ...]:
+    """PEFT's target_modules (a list of module names, or "all-linear") as lorafit target names."""
+    if modules == "all-linear":
+        return ALL_LINEAR
+    if isinstance(modules, str) or not modules:
+        raise ValueError(
+            f"{where}: target_modules={modules!r} is not supported (a list of module names or 'all-linear')"
+        )
+    by_module = {module: key for key, module in TARGETS.items()}
+    # PEFT matches a target by name suffix, so "self_attn.q_proj" means q_proj too.
+    unknown = [m for m in modules if m.rpartition(".")[2] not in by_module]
+    if unknown:
+        raise ValueError(
+            f"{where}: target_modules {unknown} cannot be mapped; lorafit's LoRA targets are "
+            f"{', '.join(TARGETS.values())}"
+        )
+    return parse_targets([by_module[m.rpartition(".")[2]] for m in modules])
+
+
+def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAConfig:
+    """Apply a PEFT LoRA adapter (made by PEFT or by lorafit) to the model; return its config."""
+    adapter_dir = Path(adapter_dir)
+    config_path, weights_path = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found (a PEFT adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})"
+            )
+    config = config_from_peft(json.loads(config_path.read_text()), str(config_path))
+    tensors = {from_peft_key(k): v for k, v in load_file(weights_path).items()}
+    _check_lora_tensors(model, config, tensors, str(weights_path))
+    apply_lora(model, config)
+    # Copy into the model's tensors; where they are still on meta (a model built there), take the tensors themselves.
+    current = model.state_dict()
+    tensors = {k: t.to(current[k].dtype) for k, t in tensors.items()}
+    model.load_state_dict(tensors, strict=False, assign=any(current[k].is_meta for k in tensors))
+    return config
+
+
+def _check_lora_tensors(model: nn.Module, config: LoRAConfig, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Check, before touching the model, that the adapter's tensors are exactly the ones its config implies."""
+    expected, optional = {}, {}
+    for name, linear in _target_linears(model, config.targets):
+        expected[f"{name}.lora_A.weight"] = (config.r, linear.in_features)
+        expected[f"{name}.lora_B.weight"] = (linear.out_features, config.r)
+        # PEFT also saves the base weight of a targeted lm_head (in case the vocabulary was resized); it loads it.
+        optional[f"{name}.weight"] = tuple(linear.weight.shape)
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected) - set(optional))
+    if missing:
+        raise ValueError(
+            f"{where}: missing LoRA tensor(s) {', '.join(to_peft_key(n) for n in missing[:4])}"
+            + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        )
+    if extra:
+        raise ValueError(
+            f"{where}: unexpected tensor(s) {', '.join(to_peft_key(n) for n in extra[:4])}"
+            + (f" and {len(extra) - 4} more" if len(extra) > 4 else "")
+            + " for the model and this adapter's target_modules"
+        )
+    for name, tensor in tensors.items():
+        shape = expected.get(name) or optional[name]
+        if tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"{where}: tensor {to_peft_key(name)} has shape {tuple(tensor.shape)}, the model expects {shape}"
+            )
