@@ -1,0 +1,149 @@
+"""A finetuning run: base model + method + data -> a self-describing run directory.
+
+The method only decides which parameters exist and which train (and how the result is saved);
+every method goes through the one loop in train.py.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorafit.checkpoint import load_model, save_hf_model
+from lorafit.data import format_prompt, load_prepared, prepare_source
+from lorafit.data.prepare import read_info
+from lorafit.hub import resolve_checkpoint
+from lorafit.lora import LoRAConfig, apply_lora, save_peft_adapter
+from lorafit.model import LLaMA
+from lorafit.tokenizer import Tokenizer
+from lorafit.train import TrainConfig, TrainResult, latest_checkpoint, plot_losses, resolve_precision, train
+
+METHODS = ("lora", "full")
+RUN_FILE = "lorafit_run.json"
+SAMPLE_INSTRUCTION = "Recommend a movie for me to watch during the weekend and explain the reason."
+
+
+@dataclass
+class DataOptions:
+    """How a raw data file becomes training samples (ignored for an already prepared directory)."""
+
+    prompt_style: str | None = None
+    """alpaca or chat; default: chat when the model has a chat template."""
+    mask_prompt: bool = True
+    val_size: int = 2000
+    fmt: str | None = None
+    """alpaca or dolly field names; default: detected."""
+
+
+def setup_method(model: LLaMA, method: str, lora: LoRAConfig | None) -> int:
+    """Add the method's parameters and freeze the rest; returns the trainable parameter count."""
+    if method == "lora":
+        return apply_lora(model, lora or LoRAConfig())
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return sum(p.numel() for p in model.parameters())
+    raise ValueError(f"unknown finetuning method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def save_method_outputs(model: LLaMA, method: str, lora: LoRAConfig | None, run_dir: Path, base: str,
+                        tokenizer: Tokenizer) -> None:
+    """LoRA: a PEFT adapter in the run directory. Full: a Hugging Face model in run_dir/model."""
+    if method == "lora":
+        save_peft_adapter(model, lora, run_dir, base_model_name_or_path=base)
+    else:
+        state = {k: v for k, v in model.state_dict().items() if not (model.config.tie_embeddings and k == "lm_head.weight")}
+        save_hf_model(state, model.config, run_dir / "model")
+        tokenizer.save(run_dir / "model")
+
+
+def prepare_data(data: str | Path, tokenizer: Tokenizer, run_dir: Path, max_seq_length: int,
+                 options: DataOptions, seed: int) -> Path:
+    """A prepared dataset directory: `data` itself when already prepared, else prepared into run_dir/data."""
+    if read_info(data) is not None:
+        return Path(data)
+    info = prepare_source(data, tokenizer, run_dir / "data", fmt=options.fmt, style=options.prompt_style,
+                          max_seq_length=max_seq_length, mask_prompt=options.mask_prompt,
+                          val_size=options.val_size, seed=seed)
+    print(f"data: {info.train:,} train / {info.val:,} val samples ({info.prompt_style} prompts; "
+          f"{info.skipped_empty} empty skipped, {info.truncated} truncated to {max_seq_length} tokens)"
+          + (" [cached]" if info.cached else ""))
+    return Path(info.out_dir)
+
+
+def finetune(
+    method: str,
+    data: str | Path,
+    run_dir: str | Path,
+    checkpoint: str | Path | None = None,
+    train_config: TrainConfig | None = None,
+    lora: LoRAConfig | None = None,
+    data_options: DataOptions | None = None,
+    resume: str | Path | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Finetune `checkpoint` on `data` with `method`; everything lands in run_dir."""
+    cfg = train_config or TrainConfig()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg.precision = resolve_precision(cfg.precision, device)
+    base = resolve_checkpoint(checkpoint)
+    tokenizer = Tokenizer.from_checkpoint(base)
+    data_dir = prepare_data(data, tokenizer, run_dir, cfg.max_seq_length, data_options or DataOptions(), cfg.seed)
+    train_set, val_set = load_prepared(data_dir)
+    prompt_style = read_info(data_dir).prompt_style
+
+    dtype = torch.bfloat16 if cfg.precision == "bf16-true" else torch.float32
+    model = load_model(base, dtype=dtype, device=device)
+    trainable = setup_method(model, method, lora)
+    total = sum(p.numel() for p in model.parameters() if not p.requires_grad) + trainable
+    print(f"{method}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.3f}%)")
+
+    resume_path = None
+    if resume == "auto":
+        resume_path = latest_checkpoint(run_dir)
+    elif resume is not None:
+        resume_path = Path(resume)
+    write_run_file(run_dir, method=method, base_checkpoint=str(base), data=str(data_dir),
+                   prompt_style=prompt_style, train=vars(cfg), lora=vars(lora or LoRAConfig()) if method == "lora"
+                   else None)
+
+    sample_prompt = tokenizer.encode(format_prompt(SAMPLE_INSTRUCTION, "", prompt_style, tokenizer))
+
+    def show_sample(step: int, val_loss: float) -> None:
+        from lorafit.generate import generate
+
+        model.eval()
+        ids = list(generate(model, sample_prompt, max_new_tokens=48, stop_ids=tokenizer.stop_ids))
+        model.clear_kv_cache()  # training must not run through a decoding cache
+        model.train()
+        text = tokenizer.decode(ids, skip_special_tokens=True).strip().replace("\n", " ")
+        print(f"\nstep {step}: val loss {val_loss:.4f}; sample: {text[:200]}")
+
+    pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+    result = train(model, train_set, val_set, cfg, run_dir, pad_id, resume=resume_path, on_eval=show_sample,
+                   progress=progress)
+    save_method_outputs(model, method, lora or LoRAConfig(), run_dir, str(base), tokenizer)
+    plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{method} on {Path(str(data)).name}")
+    print(f"done: {result.steps} steps in {result.seconds:.0f} s, {result.tokens_per_s:.0f} tokens/s, "
+          f"peak memory {result.peak_memory_bytes / 2**30:.2f} GiB; outputs in {run_dir}")
+    return result
+
+
+def write_run_file(run_dir: Path, **fields) -> None:
+    """What generate/merge need to use the run: method, base checkpoint, prompt style, hyperparameters."""
+    tmp = run_dir / (RUN_FILE + ".tmp")
+    tmp.write_text(json.dumps(fields, indent=2, default=str))
+    tmp.replace(run_dir / RUN_FILE)
+
+
+def read_run_file(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: not a lorafit run directory (no {RUN_FILE})")
+    return json.loads(path.read_text())

@@ -1,0 +1,342 @@
+"""ONE training loop for every finetuning method.
+
+A method (LoRA, full, ...) only decides which parameters exist and which train; this loop trains
+whatever requires grad. One optimizer step consumes `global_batch_size / micro_batch_size`
+micro-batches in a fixed, seeded order, so the data position is a function of the step number and
+a resumed run continues exactly where the interrupted one stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from lorafit.data.batching import BatchPlan, collate
+from lorafit.model import LLaMA
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one run; defaults follow lit-llama's LoRA recipe."""
+
+    epochs: int = 1
+    max_steps: int | None = None
+    """Optimizer steps to run; overrides epochs when set."""
+    micro_batch_size: int = 4
+    global_batch_size: int = 128
+    """Samples per optimizer step (micro-batches are accumulated up to it)."""
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+    """The cosine schedule decays to learning_rate * min_lr_ratio."""
+    grad_clip: float = 1.0
+    max_seq_length: int = 256
+    eval_interval: int = 100
+    """Steps between evaluations (0: only at the end)."""
+    eval_batches: int = 50
+    """Micro-batches of validation data per evaluation (0: all)."""
+    save_interval: int = 1000
+    """Steps between resumable checkpoints (0: never)."""
+    keep_checkpoints: int = 2
+    precision: str = "auto"
+    """32-true, bf16-mixed or bf16-true; auto is bf16-mixed on CUDA and 32-true on CPU."""
+    activation_checkpointing: bool = False
+    seed: int = 42
+
+    @property
+    def accumulation(self) -> int:
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"micro_batch_size ({self.micro_batch_size})"
+            )
+        return self.global_batch_size // self.micro_batch_size
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The concrete precision for 'auto': bf16 mixed on GPUs, float32 on CPUs (no fast bf16 there)."""
+    if precision == "auto":
+        return "bf16-mixed" if device.type == "cuda" else "32-true"
+    if precision not in ("32-true", "bf16-mixed", "bf16-true"):
+        raise ValueError(f"precision must be auto, 32-true, bf16-mixed or bf16-true; got {precision!r}")
+    return precision
+
+
+def learning_rate_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to the peak, then cosine decay to min_lr_ratio * peak."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    decay_steps = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    floor = cfg.learning_rate * cfg.min_lr_ratio
+    return floor + (cfg.learning_rate - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def supervised_loss_sum(model: LLaMA, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over supervised positions only.
+
+    The LM head runs only where a label exists: with prompts masked and short answers that is a
+    fraction of the positions, and for a small model the vocabulary projection is a large share of
+    all the work.
+    """
+    hidden = model.hidden_states(input_ids)[:, :-1]
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = model.lm_head(hidden[keep])
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+
+def count_supervised(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; matrices decay, vectors (norms, gates, biases) do not."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("no parameter requires grad: the finetuning method left nothing to train")
+    groups = [
+        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    fused = trainable[0].device.type == "cuda"
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, fused=fused)
+
+
+# ------------------------------------------------------------------------------------------------
+# Resumable checkpoints: safetensors + JSON, no pickles.
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    keep: int) -> Path:
+    """Write trainable weights, optimizer state and RNG state for `step`; keep the newest `keep`."""
+    final = run_dir / "checkpoints" / f"step-{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, tmp / "trainable.safetensors")
+    names = {id(p): n for n, p in model.named_parameters()}
+    state = optimizer.state_dict()
+    params_in_order = [p for g in optimizer.param_groups for p in g["params"]]
+    tensors = {}
+    for index, param_state in state["state"].items():
+        name = names[id(params_in_order[index])]
+        tensors.update({f"{name}::{key}": value.contiguous() for key, value in param_state.items()})
+    tensors["rng::cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng::cuda"] = torch.cuda.get_rng_state()
+    save_file(tensors, tmp / "optimizer.safetensors")
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in sorted((run_dir / "checkpoints").glob("step-??????"))[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Restore a checkpoint written by save_checkpoint; returns the step it was taken at."""
+    for required in ("trainable.safetensors", "optimizer.safetensors", "trainer_state.json"):
+        if not (path / required).exists():
+            raise FileNotFoundError(f"{path}: not a lorafit checkpoint (missing {required})")
+    params = dict(model.named_parameters())
+    weights = load_file(path / "trainable.safetensors")
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(weights) != expected:
+        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise ValueError(f"{path}: checkpoint does not match this run's trainable parameters "
+                         f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    tensors = load_file(path / "optimizer.safetensors")
+    names = {id(p): n for n, p in params.items()}
+    state = optimizer.state_dict()
+    params_in_order = [p for g in optimizer.param_groups for p in g["params"]]
+    for index, param in enumerate(params_in_order):
+        prefix = names[id(param)] + "::"
+        param_state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if param_state:
+            state["state"][index] = param_state
+    optimizer.load_state_dict(state)
+    torch.set_rng_state(tensors["rng::cpu"])
+    if "rng::cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng::cuda"])
+    return json.loads((path / "trainer_state.json").read_text())["step"]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted((run_dir / "checkpoints").glob("step-??????"))
+    return found[-1] if found else None
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_train_loss: float
+    final_val_loss: float | None
+    tokens_per_s: float
+    seconds: float
+    peak_memory_bytes: int
+
+
+def evaluate(model: LLaMA, val_set, cfg: TrainConfig, pad_id: int, device: torch.device) -> float:
+    """Mean per-token validation loss over the first eval_batches length-sorted micro-batches."""
+    order = sorted(range(len(val_set)), key=lambda i: val_set.lengths[i])
+    batches = [order[i : i + cfg.micro_batch_size] for i in range(0, len(order), cfg.micro_batch_size)]
+    if cfg.eval_batches:
+        # Spread the evaluated batches over all lengths rather than taking only the shortest.
+        stride = max(1, len(batches) // cfg.eval_batches)
+        batches = batches[::stride][: cfg.eval_batches]
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad(), autocast(cfg.precision, device):
+        for batch in batches:
+            input_ids, labels = collate([val_set[i] for i in batch], pad_id)
+            input_ids, labels = input_ids.to(device), labels.to(device)
+            total += supervised_loss_sum(model, input_ids, labels).item()
+            count += count_supervised(labels)
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def autocast(precision: str, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
+
+
+def train(
+    model: LLaMA,
+    train_set,
+    val_set,
+    cfg: TrainConfig,
+    run_dir: Path,
+    pad_id: int,
+    resume: Path | None = None,
+    on_eval: Callable[[int, float], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train the parameters of `model` that require grad on train_set; evaluate on val_set."""
+    from lorafit.generate import peak_memory_bytes
+
+    device = next(model.parameters()).device
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = run_dir / "metrics.jsonl"
+    plan = BatchPlan(train_set.lengths, cfg.micro_batch_size, cfg.seed)
+    micro_batches_per_epoch = len(plan.batches(0))
+    steps_per_epoch = math.ceil(micro_batches_per_epoch / cfg.accumulation)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    model.activation_checkpointing = cfg.activation_checkpointing
+    optimizer = make_optimizer(model, cfg)
+
+    start_step = 0
+    if resume is not None:
+        start_step = load_checkpoint(resume, model, optimizer)
+        print(f"resumed from {resume} at step {start_step}")
+    elif metrics_path.exists():
+        metrics_path.unlink()  # a fresh run starts a fresh log
+
+    def micro_batches_of(step: int) -> list[list[int]]:
+        epoch, index = divmod(step, steps_per_epoch)
+        batches = plan.batches(epoch)
+        return batches[index * cfg.accumulation : (index + 1) * cfg.accumulation]
+
+    model.train()
+    train_loss, val_loss = float("nan"), None
+    real_tokens, started = 0, time.perf_counter()
+    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not progress,
+               desc="finetune", unit="step", dynamic_ncols=True)
+    for step in bar:
+        step_started = time.perf_counter()
+        lr = learning_rate_at(step, total_steps, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        indices = micro_batches_of(step)
+        batches = [collate([train_set[i] for i in b], pad_id) for b in indices]
+        step_tokens = sum(train_set.lengths[i] for b in indices for i in b)  # real tokens, no padding
+        # Normalise by the supervised tokens of the whole step so accumulation equals one big batch.
+        n_supervised = sum(count_supervised(labels) for _, labels in batches)
+        loss_sum = 0.0
+        for input_ids, labels in batches:
+            input_ids, labels = input_ids.to(device), labels.to(device)
+            with autocast(cfg.precision, device):
+                loss = supervised_loss_sum(model, input_ids, labels) / n_supervised
+            loss.backward()
+            loss_sum += loss.item()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_loss = loss_sum
+        real_tokens += step_tokens
+        elapsed = time.perf_counter() - started
+        record = {"step": step + 1, "train_loss": train_loss, "lr": lr,
+                  "step_tokens_per_s": step_tokens / (time.perf_counter() - step_started),
+                  "elapsed_s": elapsed}
+        is_last = step + 1 == total_steps
+        if (cfg.eval_interval and (step + 1) % cfg.eval_interval == 0) or is_last:
+            if val_set is not None and len(val_set):
+                val_loss = evaluate(model, val_set, cfg, pad_id, device)
+                record |= {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+                if on_eval is not None:
+                    on_eval(step + 1, val_loss)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{real_tokens / elapsed:.0f}",
+                        refresh=False)
+        if cfg.save_interval and (step + 1) % cfg.save_interval == 0 and not is_last:
+            save_checkpoint(run_dir, step + 1, model, optimizer, cfg.keep_checkpoints)
+    bar.close()
+    seconds = time.perf_counter() - started
+    return TrainResult(
+        steps=total_steps - start_step,
+        final_train_loss=train_loss,
+        final_val_loss=val_loss,
+        tokens_per_s=real_tokens / seconds if seconds else 0.0,
+        seconds=seconds,
+        peak_memory_bytes=peak_memory_bytes(device),
+    )
+
+
+def plot_losses(metrics_path: Path, png_path: Path, title: str = "") -> None:
+    """Train and validation loss against step, from metrics.jsonl, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in records], [r["train_loss"] for r in records], label="train", lw=1)
+    val = [r for r in records if "val_loss" in r]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png_path.with_name(png_path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(png_path)
