@@ -16,7 +16,7 @@ from lorafit.checkpoint import load_model, save_hf_model
 from lorafit.data import format_prompt, load_prepared, prepare_source
 from lorafit.data.prepare import read_info
 from lorafit.hub import resolve_checkpoint
-from lorafit.lora import LoRAConfig, apply_lora, save_peft_adapter
+from lorafit.lora import LoRAConfig, apply_lora, load_peft_adapter, merge_lora, save_peft_adapter
 from lorafit.model import LLaMA
 from lorafit.tokenizer import Tokenizer
 from lorafit.train import TrainConfig, TrainResult, latest_checkpoint, plot_losses, resolve_precision, train
@@ -49,15 +49,20 @@ def setup_method(model: LLaMA, method: str, lora: LoRAConfig | None) -> int:
     raise ValueError(f"unknown finetuning method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-def save_method_outputs(model: LLaMA, method: str, lora: LoRAConfig | None, run_dir: Path, base: str,
-                        tokenizer: Tokenizer) -> None:
+def save_hf_directory(model: LLaMA, base: Path, out_dir: Path) -> None:
+    """A Hugging Face model directory: weights and config, plus the base model's tokenizer and generation config."""
+    save_hf_model(model.state_dict(), model.config, out_dir)
+    Tokenizer.from_checkpoint(base).save(out_dir)
+    if (base / "generation_config.json").is_file():
+        (out_dir / "generation_config.json").write_text((base / "generation_config.json").read_text())
+
+
+def save_method_outputs(model: LLaMA, method: str, lora: LoRAConfig | None, run_dir: Path, base: str) -> None:
     """LoRA: a PEFT adapter in the run directory. Full: a Hugging Face model in run_dir/model."""
     if method == "lora":
         save_peft_adapter(model, lora, run_dir, base_model_name_or_path=base)
     else:
-        state = {k: v for k, v in model.state_dict().items() if not (model.config.tie_embeddings and k == "lm_head.weight")}
-        save_hf_model(state, model.config, run_dir / "model")
-        tokenizer.save(run_dir / "model")
+        save_hf_directory(model, Path(base), run_dir / "model")
 
 
 def prepare_data(data: str | Path, tokenizer: Tokenizer, run_dir: Path, max_seq_length: int,
@@ -91,7 +96,7 @@ def finetune(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg.precision = resolve_precision(cfg.precision, device)
+    cfg.precision = resolve_precision(cfg.precision, device)  # needed here to pick the weights' dtype
     base = resolve_checkpoint(checkpoint)
     tokenizer = Tokenizer.from_checkpoint(base)
     data_dir = prepare_data(data, tokenizer, run_dir, cfg.max_seq_length, data_options or DataOptions(), cfg.seed)
@@ -128,7 +133,7 @@ def finetune(
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
     result = train(model, train_set, val_set, cfg, run_dir, pad_id, resume=resume_path, on_eval=show_sample,
                    progress=progress)
-    save_method_outputs(model, method, lora or LoRAConfig(), run_dir, str(base), tokenizer)
+    save_method_outputs(model, method, lora or LoRAConfig(), run_dir, str(base))
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{method} on {Path(str(data)).name}")
     print(f"done: {result.steps} steps in {result.seconds:.0f} s, {result.tokens_per_s:.0f} tokens/s, "
           f"peak memory {result.peak_memory_bytes / 2**30:.2f} GiB; outputs in {run_dir}")
@@ -147,3 +152,27 @@ def read_run_file(run_dir: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: not a lorafit run directory (no {RUN_FILE})")
     return json.loads(path.read_text())
+
+
+def base_checkpoint_of(adapter_dir: str | Path) -> str:
+    """The base checkpoint an adapter was trained on: from lorafit_run.json, else PEFT's adapter_config.json."""
+    adapter_dir = Path(adapter_dir)
+    if (adapter_dir / RUN_FILE).is_file():
+        return read_run_file(adapter_dir)["base_checkpoint"]
+    config = adapter_dir / "adapter_config.json"
+    if config.is_file():
+        base = json.loads(config.read_text()).get("base_model_name_or_path")
+        if base:
+            return base
+    raise FileNotFoundError(f"{adapter_dir}: no {RUN_FILE} or adapter_config.json naming the base model; "
+                            "pass --checkpoint")
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
+    """Fold a LoRA adapter into its base model and write a Hugging Face model directory."""
+    base = resolve_checkpoint(checkpoint or base_checkpoint_of(adapter_dir))
+    model = load_model(base)
+    load_peft_adapter(model, adapter_dir)
+    merge_lora(model)
+    save_hf_directory(model, base, Path(out_dir))
+    return Path(out_dir)

@@ -145,7 +145,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    for old in sorted((run_dir / "checkpoints").glob("step-??????"))[:-keep]:
+    for old in sorted((run_dir / "checkpoints").glob("step-??????"))[: -max(keep, 1)]:
         shutil.rmtree(old)
     return final
 
@@ -220,6 +220,21 @@ def evaluate(model: LLaMA, val_set, cfg: TrainConfig, pad_id: int, device: torch
     return total / max(count, 1)
 
 
+def keep_metrics_until(metrics_path: Path, step: int) -> None:
+    """Drop records after `step`: an interrupted run logged steps past its last checkpoint, which resume redoes."""
+    if not metrics_path.exists():
+        return
+    kept = []
+    for line in metrics_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the interruption
+            continue
+        if record["step"] <= step:
+            kept.append(line + "\n")
+    metrics_path.write_text("".join(kept))
+
+
 def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
 
@@ -239,6 +254,7 @@ def train(
     from lorafit.generate import peak_memory_bytes
 
     device = next(model.parameters()).device
+    cfg.precision = resolve_precision(cfg.precision, device)
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
     plan = BatchPlan(train_set.lengths, cfg.micro_batch_size, cfg.seed)
@@ -251,6 +267,7 @@ def train(
     start_step = 0
     if resume is not None:
         start_step = load_checkpoint(resume, model, optimizer)
+        keep_metrics_until(metrics_path, start_step)
         print(f"resumed from {resume} at step {start_step}")
     elif metrics_path.exists():
         metrics_path.unlink()  # a fresh run starts a fresh log
@@ -274,7 +291,7 @@ def train(
         batches = [collate([train_set[i] for i in b], pad_id) for b in indices]
         step_tokens = sum(train_set.lengths[i] for b in indices for i in b)  # real tokens, no padding
         # Normalise by the supervised tokens of the whole step so accumulation equals one big batch.
-        n_supervised = sum(count_supervised(labels) for _, labels in batches)
+        n_supervised = max(1, sum(count_supervised(labels) for _, labels in batches))
         loss_sum = 0.0
         for input_ids, labels in batches:
             input_ids, labels = input_ids.to(device), labels.to(device)
