@@ -1,0 +1,170 @@
+"""Decoding speed and memory: lorafit against transformers' `generate` on the same checkpoint.
+
+    python benchmarks/generate.py [--checkpoint DIR] [--dtype float32 bfloat16] [--threads 2] [--runs 5]
+
+Both engines get the same prompt ids, dtype and thread count, decode exactly --new-tokens tokens
+greedily (no early stop), warm up once, and report the median of --runs runs. Each (engine, dtype)
+runs in its own process, so peak memory (the process's peak resident set on the CPU) is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+PROMPT = "Explain in a few paragraphs why the sky is blue and why sunsets are red."
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        print(json.dumps(run_worker(args)))
+        return
+    from lorafit.hub import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    results = []
+    for dtype in args.dtype:
+        for engine in ("transformers", "lorafit"):
+            command = [
+                sys.executable,
+                __file__,
+                "--worker",
+                engine,
+                "--checkpoint",
+                str(checkpoint),
+                "--dtype",
+                dtype,
+                "--threads",
+                str(args.threads),
+                "--runs",
+                str(args.runs),
+                "--new-tokens",
+                str(args.new_tokens),
+            ]
+            print(f"running {engine} {dtype} ...", file=sys.stderr, flush=True)
+            out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    print(table(results, checkpoint, args))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", help="checkpoint directory, name or HF repo id (default: the default model)")
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up; the median is reported")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--worker", choices=["lorafit", "transformers"], help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def run_worker(args: argparse.Namespace) -> dict:
+    """Warm up, then time --runs generations of one engine; the medians as a dict."""
+    from lorafit.generate import peak_memory_bytes
+    from lorafit.tokenizer import Tokenizer
+
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype[0])
+    prompt_ids = Tokenizer.from_checkpoint(args.checkpoint).encode(PROMPT)
+    run = lorafit_runner(args.checkpoint, dtype) if args.worker == "lorafit" else hf_runner(args.checkpoint, dtype)
+    run(prompt_ids, args.new_tokens)  # warm-up
+    timings = [run(prompt_ids, args.new_tokens) for _ in range(args.runs)]
+    return {
+        "engine": args.worker,
+        "dtype": args.dtype[0],
+        "threads": args.threads,
+        "prompt_tokens": len(prompt_ids),
+        "new_tokens": args.new_tokens,
+        "time_to_first_token_s": statistics.median(t[0] for t in timings),
+        "decode_tokens_per_s": statistics.median(t[1] for t in timings),
+        "peak_memory_bytes": peak_memory_bytes("cpu"),
+    }
+
+
+def lorafit_runner(checkpoint: str, dtype: torch.dtype):
+    """A function (prompt_ids, n) -> (time to first token, decode tokens/s) using lorafit."""
+    from lorafit.generate import LLM, GenerationStats, generate
+
+    model = LLM.load(checkpoint, dtype=dtype, device="cpu").model
+
+    def run(prompt_ids: list[int], n: int) -> tuple[float, float]:
+        stats = GenerationStats()
+        tokens = list(generate(model, prompt_ids, n, stats=stats))
+        assert len(tokens) == n, f"lorafit produced {len(tokens)} tokens, not {n}"
+        return stats.time_to_first_token_s, stats.decode_tokens_per_s
+
+    return run
+
+
+class _Clock:
+    """A transformers streamer that only notes when each new token arrives."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def hf_runner(checkpoint: str, dtype: torch.dtype):
+    """A function (prompt_ids, n) -> (time to first token, decode tokens/s) using transformers' generate."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).eval()
+
+    def run(prompt_ids: list[int], n: int) -> tuple[float, float]:
+        clock = _Clock()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                torch.tensor([prompt_ids]),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                streamer=clock,
+                pad_token_id=0,
+            )
+        assert out.size(1) - len(prompt_ids) == n, f"transformers produced {out.size(1) - len(prompt_ids)} tokens"
+        # The streamer's first call is the prompt, then one call per new token.
+        first, last = clock.times[1], clock.times[-1]
+        return first - start, (n - 1) / (last - first)
+
+    return run
+
+
+def table(results: list[dict], checkpoint: Path, args: argparse.Namespace) -> str:
+    """The results as a Markdown table, with the lorafit/transformers decode ratio per dtype."""
+    base = {r["dtype"]: r["decode_tokens_per_s"] for r in results if r["engine"] == "transformers"}
+    lines = [
+        f"Decoding {args.new_tokens} tokens greedily from {checkpoint.name}, {args.threads} threads, "
+        f"median of {args.runs} runs ({date.today()}).",
+        "",
+        "| engine | dtype | time to first token | decode tokens/s | peak memory | vs transformers |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ratio = r["decode_tokens_per_s"] / base[r["dtype"]] if r["dtype"] in base else float("nan")
+        lines.append(
+            f"| {r['engine']} | {r['dtype']} | {r['time_to_first_token_s'] * 1000:.0f} ms | "
+            f"{r['decode_tokens_per_s']:.1f} | {r['peak_memory_bytes'] / 2**30:.2f} GiB | {ratio:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

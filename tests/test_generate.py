@@ -1,0 +1,188 @@
+"""Generation: KV-cache decoding, parity with transformers' generate, sampling rules, streaming text."""
+
+import pytest
+import torch
+
+from lorafit.config import Config
+from lorafit.generate import GenerationStats, TextStreamer, generate, sample_next, top_p_filter
+from lorafit.model import LLaMA
+from tests.conftest import shared_file
+
+transformers = pytest.importorskip("transformers")
+
+
+def make_pair(**overrides) -> tuple[torch.nn.Module, LLaMA]:
+    """A random transformers Llama and lorafit's model with the same weights."""
+    hf_config = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        **overrides,
+    )
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    model = LLaMA(Config.from_hf(hf_config.to_dict())).eval()
+    model.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()}, strict=False)
+    model.tie_weights()
+    return hf, model
+
+
+PROMPT = [5, 17, 33, 2, 71, 8, 40]
+
+
+def test_kv_cache_decoding_equals_full_recomputation():
+    _, model = make_pair()
+    tokens = list(generate(model, PROMPT, max_new_tokens=12))
+    # Recompute every step from scratch, without a cache: same greedy choices, same logits.
+    model.clear_kv_cache()
+    seq = list(PROMPT)
+    with torch.no_grad():
+        for expected in tokens:
+            logits = model(torch.tensor([seq]))[0, -1]
+            assert int(logits.argmax()) == expected
+            seq.append(expected)
+        cached_logits = _logits_with_cache(model, seq)
+        full_logits = model(torch.tensor([seq]))[0]
+    assert (cached_logits - full_logits).abs().max().item() <= 1e-5
+
+
+def _logits_with_cache(model: LLaMA, seq: list[int]) -> torch.Tensor:
+    """Logits for seq computed as generate does: a prefill, then one token at a time from the cache."""
+    model.setup_kv_cache(1, 64)
+    n = len(PROMPT)
+    pieces = [model(torch.tensor([seq[:n]]))[0]]
+    pieces += [model(torch.tensor([[seq[t]]]), start=t)[0] for t in range(n, len(seq))]
+    return torch.cat(pieces)
+
+
+def test_greedy_equals_transformers_generate():
+    hf, model = make_pair()
+    with torch.no_grad():
+        expected = hf.generate(
+            torch.tensor([PROMPT]),
+            max_new_tokens=20,
+            min_new_tokens=20,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )[0, len(PROMPT) :].tolist()
+    assert list(generate(model, PROMPT, max_new_tokens=20)) == expected
+
+
+def test_generation_stops_after_a_stop_id():
+    _, model = make_pair()
+    free = list(generate(model, PROMPT, max_new_tokens=15))
+    stop = free[4]
+    first = free.index(stop)
+    stats = GenerationStats()
+    stopped = list(generate(model, PROMPT, max_new_tokens=15, stop_ids={stop}, stats=stats))
+    assert stopped == free[: first + 1]
+    assert stats.new_tokens == first + 1 and stats.prompt_tokens == len(PROMPT)
+
+
+def test_continuing_from_a_cached_prefix_equals_a_fresh_prefill():
+    _, model = make_pair()
+    first = list(generate(model, PROMPT, max_new_tokens=6))
+    follow_up = PROMPT + first + [9, 10]
+    # The cache now holds PROMPT + first[:-1]; a follow-up prompt only prefills the rest.
+    reused = list(generate(model, follow_up, max_new_tokens=8, cached_tokens=len(PROMPT) + len(first) - 1))
+    model.clear_kv_cache()
+    assert reused == list(generate(model, follow_up, max_new_tokens=8))
+
+
+def test_top_k_1_equals_greedy():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    sampled = sample_next(logits, temperature=1.3, top_k=1, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(sampled, logits.argmax(-1))
+    _, model = make_pair()
+    sampled_tokens = list(generate(model, PROMPT, 10, temperature=0.8, top_k=1, generator=torch.Generator()))
+    assert sampled_tokens == list(generate(model, PROMPT, 10))
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([0.05, 0.4, 0.1, 0.3, 0.15])
+    logits = probs.log()
+    kept = lambda p: set(torch.nonzero(top_p_filter(logits, p).isfinite()).flatten().tolist())  # noqa: E731
+    assert kept(0.4) == {1}  # the top token alone reaches 0.4
+    assert kept(0.5) == {1, 3}  # 0.4 + 0.3
+    assert kept(0.7) == {1, 3}  # exactly 0.7 is enough
+    assert kept(0.71) == {1, 3, 4}
+    assert kept(1.0) == {0, 1, 2, 3, 4}
+    # Sampling never picks a filtered-out token.
+    draws = {int(sample_next(logits, 1.0, top_p=0.5, generator=torch.Generator().manual_seed(s))) for s in range(50)}
+    assert draws == {1, 3}
+
+
+def test_top_k_keeps_the_k_most_likely():
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.0, -1.0])
+    draws = {int(sample_next(logits, 1.0, top_k=2, generator=torch.Generator().manual_seed(s))) for s in range(50)}
+    assert draws == {1, 3}
+
+
+def test_same_seed_same_sample():
+    _, model = make_pair()
+
+    def sample(seed: int) -> list[int]:
+        return list(
+            generate(model, PROMPT, 16, temperature=1.5, top_p=0.95, generator=torch.Generator().manual_seed(seed))
+        )
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+
+
+def test_bad_sampling_arguments_are_named():
+    logits = torch.zeros(10)
+    with pytest.raises(ValueError, match="temperature must be >= 0, got -1"):
+        sample_next(logits, temperature=-1)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 1.5"):
+        sample_next(logits, temperature=1, top_p=1.5)
+
+
+class _SentencePiece:
+    """The decode() interface TextStreamer needs, over a raw SentencePiece model."""
+
+    def __init__(self, path) -> None:
+        import sentencepiece
+
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+
+    def decode(self, ids, skip_special_tokens=False) -> str:
+        return self.sp.decode(list(ids))
+
+
+def test_text_streamer_holds_back_incomplete_utf8():
+    tok = _SentencePiece(shared_file("models/tokenizer_llama2.model"))
+    text = "Grüße aus Köln — 東京 🦙 fin"
+    ids = tok.sp.encode(text)
+    # The emoji and CJK characters fall back to byte tokens, so some ids end mid-character.
+    assert any(tok.sp.id_to_piece(i).startswith("<0x") for i in ids)
+    streamer = TextStreamer(tok)
+    pieces = [streamer.put(i) for i in ids] + [streamer.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_text_streamer_flushes_an_incomplete_tail():
+    tok = _SentencePiece(shared_file("models/tokenizer_llama2.model"))
+    ids = tok.sp.encode("ok 🦙")
+    streamer = TextStreamer(tok)
+    streamed = "".join(streamer.put(i) for i in ids[:-1])  # stops mid-emoji
+    assert streamed.strip() == "ok"
+    tail = streamer.flush()
+    assert streamed + tail == tok.sp.decode(ids[:-1]) and tail.endswith("\ufffd")
+
+
+@pytest.mark.slow
+def test_default_model_knows_the_capital_of_france(default_checkpoint):
+    from lorafit.generate import LLM
+
+    llm = LLM.load(default_checkpoint)
+    answer = llm.generate("What is the capital of France?", chat=True, max_new_tokens=32)
+    assert "Paris" in answer
+    assert llm.last_stats.new_tokens > 0
