@@ -16,7 +16,7 @@ from lorafit.checkpoint import load_model, save_hf_model
 from lorafit.data import format_prompt, load_prepared, prepare_source
 from lorafit.data.prepare import read_info
 from lorafit.hub import resolve_checkpoint
-from lorafit.lora import LoRAConfig, apply_lora, load_peft_adapter, merge_lora, save_peft_adapter
+from lorafit.lora import LoRAConfig, adapter_base_model, apply_lora, load_peft_adapter, merge_lora, save_peft_adapter
 from lorafit.model import LLaMA
 from lorafit.tokenizer import Tokenizer
 from lorafit.train import TrainConfig, TrainResult, latest_checkpoint, plot_losses, resolve_precision, train
@@ -65,17 +65,28 @@ def save_method_outputs(model: LLaMA, method: str, lora: LoRAConfig | None, run_
         save_hf_directory(model, Path(base), run_dir / "model")
 
 
-def prepare_data(data: str | Path, tokenizer: Tokenizer, run_dir: Path, max_seq_length: int,
-                 options: DataOptions, seed: int) -> Path:
+def prepare_data(
+    data: str | Path, tokenizer: Tokenizer, run_dir: Path, max_seq_length: int, options: DataOptions, seed: int
+) -> Path:
     """A prepared dataset directory: `data` itself when already prepared, else prepared into run_dir/data."""
     if read_info(data) is not None:
         return Path(data)
-    info = prepare_source(data, tokenizer, run_dir / "data", fmt=options.fmt, style=options.prompt_style,
-                          max_seq_length=max_seq_length, mask_prompt=options.mask_prompt,
-                          val_size=options.val_size, seed=seed)
-    print(f"data: {info.train:,} train / {info.val:,} val samples ({info.prompt_style} prompts; "
-          f"{info.skipped_empty} empty skipped, {info.truncated} truncated to {max_seq_length} tokens)"
-          + (" [cached]" if info.cached else ""))
+    info = prepare_source(
+        data,
+        tokenizer,
+        run_dir / "data",
+        fmt=options.fmt,
+        style=options.prompt_style,
+        max_seq_length=max_seq_length,
+        mask_prompt=options.mask_prompt,
+        val_size=options.val_size,
+        seed=seed,
+    )
+    print(
+        f"data: {info.train:,} train / {info.val:,} val samples ({info.prompt_style} prompts; "
+        f"{info.skipped_empty} empty skipped, {info.truncated} truncated to {max_seq_length} tokens)"
+        + (" [cached]" if info.cached else "")
+    )
     return Path(info.out_dir)
 
 
@@ -114,9 +125,15 @@ def finetune(
         resume_path = latest_checkpoint(run_dir)
     elif resume is not None:
         resume_path = Path(resume)
-    write_run_file(run_dir, method=method, base_checkpoint=str(base), data=str(data_dir),
-                   prompt_style=prompt_style, train=vars(cfg), lora=vars(lora or LoRAConfig()) if method == "lora"
-                   else None)
+    write_run_file(
+        run_dir,
+        method=method,
+        base_checkpoint=str(base),
+        data=str(data_dir),
+        prompt_style=prompt_style,
+        train=vars(cfg),
+        lora=vars(lora or LoRAConfig()) if method == "lora" else None,
+    )
 
     sample_prompt = tokenizer.encode(format_prompt(SAMPLE_INSTRUCTION, "", prompt_style, tokenizer))
 
@@ -131,12 +148,15 @@ def finetune(
         print(f"\nstep {step}: val loss {val_loss:.4f}; sample: {text[:200]}")
 
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
-    result = train(model, train_set, val_set, cfg, run_dir, pad_id, resume=resume_path, on_eval=show_sample,
-                   progress=progress)
+    result = train(
+        model, train_set, val_set, cfg, run_dir, pad_id, resume=resume_path, on_eval=show_sample, progress=progress
+    )
     save_method_outputs(model, method, lora or LoRAConfig(), run_dir, str(base))
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{method} on {Path(str(data)).name}")
-    print(f"done: {result.steps} steps in {result.seconds:.0f} s, {result.tokens_per_s:.0f} tokens/s, "
-          f"peak memory {result.peak_memory_bytes / 2**30:.2f} GiB; outputs in {run_dir}")
+    print(
+        f"done: {result.steps} steps in {result.seconds:.0f} s, {result.tokens_per_s:.0f} tokens/s, "
+        f"peak memory {result.peak_memory_bytes / 2**30:.2f} GiB; outputs in {run_dir}"
+    )
     return result
 
 
@@ -154,23 +174,9 @@ def read_run_file(run_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def base_checkpoint_of(adapter_dir: str | Path) -> str:
-    """The base checkpoint an adapter was trained on: from lorafit_run.json, else PEFT's adapter_config.json."""
-    adapter_dir = Path(adapter_dir)
-    if (adapter_dir / RUN_FILE).is_file():
-        return read_run_file(adapter_dir)["base_checkpoint"]
-    config = adapter_dir / "adapter_config.json"
-    if config.is_file():
-        base = json.loads(config.read_text()).get("base_model_name_or_path")
-        if base:
-            return base
-    raise FileNotFoundError(f"{adapter_dir}: no {RUN_FILE} or adapter_config.json naming the base model; "
-                            "pass --checkpoint")
-
-
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
     """Fold a LoRA adapter into its base model and write a Hugging Face model directory."""
-    base = resolve_checkpoint(checkpoint or base_checkpoint_of(adapter_dir))
+    base = resolve_checkpoint(checkpoint or adapter_base_model(adapter_dir))
     model = load_model(base)
     load_peft_adapter(model, adapter_dir)
     merge_lora(model)

@@ -348,6 +348,17 @@ def _targets_from_peft(modules: Any, where: str) -> tuple[str, ...]:
     return parse_targets([by_module[m.rpartition(".")[2]] for m in modules])
 
 
+def adapter_base_model(adapter_dir: str | Path) -> str:
+    """The base model an adapter was trained on, as its adapter_config.json names it."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{adapter_dir}: no {ADAPTER_CONFIG}; not a LoRA run or PEFT adapter directory")
+    base = json.loads(path.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{path}: base_model_name_or_path is empty; name the base model with --checkpoint")
+    return base
+
+
 def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAConfig:
     """Apply a PEFT LoRA adapter (made by PEFT or by lorafit) to the model; return its config."""
     adapter_dir = Path(adapter_dir)

@@ -45,8 +45,17 @@ def one_thread():
 def tiny_model(method: str = "full", seed: int = 0, tie: bool = False, lora_dropout: float = 0.1) -> LLaMA:
     """A random 2-layer LLaMA with grouped-query attention, set up for `method` (lora or full)."""
     torch.manual_seed(seed)
-    config = Config(name="tiny", vocab_size=VOCAB, n_layer=2, n_embd=32, n_head=4, n_kv_head=2,
-                    intermediate_size=64, block_size=128, tie_embeddings=tie)
+    config = Config(
+        name="tiny",
+        vocab_size=VOCAB,
+        n_layer=2,
+        n_embd=32,
+        n_head=4,
+        n_kv_head=2,
+        intermediate_size=64,
+        block_size=128,
+        tie_embeddings=tie,
+    )
     model = LLaMA(config)
     if method == "lora":
         apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=lora_dropout, targets="all"))
@@ -74,8 +83,18 @@ def repetitive_dataset(n: int, seed: int = 0) -> TokenDataset:
 
 def small_config(**overrides) -> TrainConfig:
     """A config for a few CPU steps: no warm-up surprises, no progress bar noise, no accidental saves."""
-    base = dict(max_steps=4, micro_batch_size=2, global_batch_size=4, learning_rate=1e-2, warmup_steps=0,
-                eval_interval=0, eval_batches=0, save_interval=0, precision="32-true", seed=0)
+    base = dict(
+        max_steps=4,
+        micro_batch_size=2,
+        global_batch_size=4,
+        learning_rate=1e-2,
+        warmup_steps=0,
+        eval_interval=0,
+        eval_batches=0,
+        save_interval=0,
+        precision="32-true",
+        seed=0,
+    )
     return TrainConfig(**{**base, **overrides})
 
 
@@ -125,8 +144,9 @@ def test_supervised_loss_sum_equals_full_logits_cross_entropy():
     model.zero_grad()
 
     logits = model(input_ids)[:, :-1]
-    reference = F.cross_entropy(logits.reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
-                                reduction="sum")
+    reference = F.cross_entropy(
+        logits.reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     reference.backward()
     torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-5)
     for name, param in model.named_parameters():
@@ -226,7 +246,10 @@ def test_checkpoints_are_step_directories_and_only_the_newest_are_kept(tmp_path)
     newest = latest_checkpoint(tmp_path)
     assert newest == tmp_path / "checkpoints" / "step-000006"
     assert sorted(p.name for p in newest.iterdir()) == [
-        "optimizer.safetensors", "trainable.safetensors", "trainer_state.json"]
+        "optimizer.safetensors",
+        "trainable.safetensors",
+        "trainer_state.json",
+    ]
     assert json.loads((newest / "trainer_state.json").read_text()) == {"step": 6}
     assert latest_checkpoint(tmp_path / "elsewhere") is None
 
@@ -265,8 +288,11 @@ def test_load_checkpoint_rejects_a_different_trainable_set(tmp_path):
     lora = tiny_model("lora")
     path = save_checkpoint(tmp_path, 3, lora, make_optimizer(lora, small_config()), keep=1)
     full = tiny_model("full")
-    with pytest.raises(ValueError, match=r"step-000003: checkpoint does not match this run's trainable parameters "
-                                         r"\(missing \['embed_tokens.weight', .*unexpected \['layers.0.mlp"):
+    with pytest.raises(
+        ValueError,
+        match=r"step-000003: checkpoint does not match this run's trainable parameters "
+        r"\(missing \['embed_tokens.weight', .*unexpected \['layers.0.mlp",
+    ):
         load_checkpoint(path, full, make_optimizer(full, small_config()))
 
 
@@ -319,9 +345,18 @@ def tiny_checkpoint(tmp_path) -> Path:
     from lorafit.tokenizer import Tokenizer
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    config = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     out = tmp_path / "base"
     transformers.LlamaForCausalLM(config).save_pretrained(out)
     Tokenizer.from_checkpoint(tokenizer_model).save(out)
@@ -331,15 +366,26 @@ def tiny_checkpoint(tmp_path) -> Path:
 def test_finetune_lora_end_to_end_and_auto_resume(tmp_path, tiny_checkpoint, capsys):
     from lorafit.finetune import DataOptions, finetune, read_run_file
 
-    records = [{"instruction": f"Say the number {i}.", "input": "" if i % 2 else "quickly", "output": f"{i} {i} {i}"}
-               for i in range(20)]
+    records = [
+        {"instruction": f"Say the number {i}.", "input": "" if i % 2 else "quickly", "output": f"{i} {i} {i}"}
+        for i in range(20)
+    ]
     data = tmp_path / "numbers.json"
     data.write_text(json.dumps(records))
     run_dir = tmp_path / "run"
     cfg = small_config(max_steps=4, save_interval=2, eval_interval=2, max_seq_length=96)
     lora = LoRAConfig(r=4, alpha=8, dropout=0.1, targets="q,v")
-    result = finetune("lora", data, run_dir, checkpoint=tiny_checkpoint, train_config=cfg, lora=lora,
-                      data_options=DataOptions(val_size=4), progress=False, device="cpu")
+    result = finetune(
+        "lora",
+        data,
+        run_dir,
+        checkpoint=tiny_checkpoint,
+        train_config=cfg,
+        lora=lora,
+        data_options=DataOptions(val_size=4),
+        progress=False,
+        device="cpu",
+    )
     assert result.steps == 4
     for name in ("adapter_model.safetensors", "adapter_config.json", "lorafit_run.json", "metrics.jsonl", "loss.png"):
         assert (run_dir / name).is_file(), name
@@ -353,10 +399,21 @@ def test_finetune_lora_end_to_end_and_auto_resume(tmp_path, tiny_checkpoint, cap
     capsys.readouterr()
 
     # resume="auto" picks the newest checkpoint and redoes steps 3 and 4 exactly.
-    again = finetune("lora", data, run_dir, checkpoint=tiny_checkpoint, train_config=cfg, lora=lora,
-                     data_options=DataOptions(val_size=4), resume="auto", progress=False, device="cpu")
+    again = finetune(
+        "lora",
+        data,
+        run_dir,
+        checkpoint=tiny_checkpoint,
+        train_config=cfg,
+        lora=lora,
+        data_options=DataOptions(val_size=4),
+        resume="auto",
+        progress=False,
+        device="cpu",
+    )
     assert f"resumed from {run_dir / 'checkpoints' / 'step-000002'} at step 2" in capsys.readouterr().out
     assert again.steps == 2
     second = read_metrics(run_dir)
     assert [(r["step"], r["train_loss"], r.get("val_loss")) for r in second] == [
-        (r["step"], r["train_loss"], r.get("val_loss")) for r in first]
+        (r["step"], r["train_loss"], r.get("val_loss")) for r in first
+    ]
