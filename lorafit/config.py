@@ -161,6 +161,7 @@ _LLAMA3_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, or
 _LLAMA32_SCALING = {**_LLAMA3_SCALING, "factor": 32.0}
 
 # The model zoo: plain data, one dict per model. Values from each model's published config.json.
+# fmt: off
 CONFIGS: list[dict[str, Any]] = [
     # SmolLM2 (HuggingFaceTB): the embedded default is SmolLM2-135M-Instruct.
     *(
@@ -198,3 +199,4 @@ CONFIGS: list[dict[str, Any]] = [
          n_head=32, n_kv_head=8, intermediate_size=14336, block_size=32768,
          extra={"sliding_window": 4096, "architectures": ["MistralForCausalLM"]}),
 ]
+# fmt: on
