@@ -159,7 +159,17 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         prompt_style=args.prompt_style, mask_prompt=not args.no_mask_prompt, val_size=args.val_size
     )
     finetune(
-        args.method, args.data, args.out, args.checkpoint, train_config, lora, data_options, args.resume, args.device
+        args.method,
+        args.data,
+        args.out,
+        args.checkpoint,
+        train_config,
+        lora,
+        data_options,
+        args.resume,
+        args.device,
+        devices=args.devices,
+        nodes=args.nodes,
     )
 
 

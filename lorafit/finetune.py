@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from lorafit import distributed
 from lorafit.checkpoint import load_model, save_hf_model
 from lorafit.data import format_prompt, load_prepared, prepare_source
 from lorafit.data.prepare import read_info
@@ -19,7 +20,15 @@ from lorafit.hub import resolve_checkpoint
 from lorafit.lora import LoRAConfig, adapter_base_model, apply_lora, load_peft_adapter, merge_lora, save_peft_adapter
 from lorafit.model import LLaMA
 from lorafit.tokenizer import Tokenizer
-from lorafit.train import TrainConfig, TrainResult, latest_checkpoint, plot_losses, resolve_precision, train
+from lorafit.train import (
+    TrainConfig,
+    TrainResult,
+    gather_on_main,
+    latest_checkpoint,
+    plot_losses,
+    resolve_precision,
+    train,
+)
 
 METHODS = ("lora", "full")
 RUN_FILE = "lorafit_run.json"
@@ -49,20 +58,31 @@ def setup_method(model: LLaMA, method: str, lora: LoRAConfig | None) -> int:
     raise ValueError(f"unknown finetuning method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-def save_hf_directory(model: LLaMA, base: Path, out_dir: Path) -> None:
-    """A Hugging Face model directory: weights and config, plus the base model's tokenizer and generation config."""
-    save_hf_model(model.state_dict(), model.config, out_dir)
+def save_hf_directory(
+    model: LLaMA, base: Path, out_dir: Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
+    """A Hugging Face model directory: weights and config, plus the base model's tokenizer and generation config.
+
+    state_dict replaces the model's own (e.g. whole tensors gathered from FSDP shards).
+    """
+    save_hf_model(model.state_dict() if state_dict is None else state_dict, model.config, out_dir)
     Tokenizer.from_checkpoint(base).save(out_dir)
     if (base / "generation_config.json").is_file():
         (out_dir / "generation_config.json").write_text((base / "generation_config.json").read_text())
 
 
 def save_method_outputs(model: LLaMA, method: str, lora: LoRAConfig | None, run_dir: Path, base: str) -> None:
-    """LoRA: a PEFT adapter in the run directory. Full: a Hugging Face model in run_dir/model."""
+    """LoRA: a PEFT adapter in the run directory. Full: a Hugging Face model in run_dir/model.
+
+    Under torch.distributed every rank calls it (FSDP shards are gathered) and rank 0 writes.
+    """
     if method == "lora":
-        save_peft_adapter(model, lora, run_dir, base_model_name_or_path=base)
-    else:
-        save_hf_directory(model, Path(base), run_dir / "model")
+        if distributed.is_main():  # DDP keeps whole, identical LoRA weights on every rank
+            save_peft_adapter(model, lora, run_dir, base_model_name_or_path=base)
+        return
+    state = gather_on_main(model.state_dict().items())
+    if distributed.is_main():
+        save_hf_directory(model, Path(base), run_dir / "model", state)
 
 
 def prepare_data(
@@ -82,7 +102,7 @@ def prepare_data(
         val_size=options.val_size,
         seed=seed,
     )
-    print(
+    distributed.print_main(
         f"data: {info.train:,} train / {info.val:,} val samples ({info.prompt_style} prompts; "
         f"{info.skipped_empty} empty skipped, {info.truncated} truncated to {max_seq_length} tokens)"
         + (" [cached]" if info.cached else "")
@@ -101,16 +121,47 @@ def finetune(
     resume: str | Path | None = None,
     device: str | None = None,
     progress: bool = True,
+    devices: int = 1,
+    nodes: int = 1,
 ) -> TrainResult:
-    """Finetune `checkpoint` on `data` with `method`; everything lands in run_dir."""
+    """Finetune `checkpoint` on `data` with `method`; everything lands in run_dir.
+
+    devices × nodes > 1 runs this same call in that many processes (DDP for LoRA, FSDP2 for full
+    finetuning); under torchrun the environment says so and nothing is launched here.
+    """
+    arguments = dict(locals())  # exactly this call, for the workers to repeat
+    if distributed.should_launch(devices, nodes):
+        cfg = train_config or TrainConfig()
+        distributed.check_batch_layout(cfg.global_batch_size, cfg.micro_batch_size, devices * nodes)
+        return distributed.launch(finetune, arguments, devices, nodes)
+    device = distributed.device_for(device, distributed.environment())
+    with distributed.process_group(device):
+        return finetune_here(
+            method, data, run_dir, checkpoint, train_config, lora, data_options, resume, device, progress
+        )
+
+
+def finetune_here(
+    method: str,
+    data: str | Path,
+    run_dir: str | Path,
+    checkpoint: str | Path | None,
+    train_config: TrainConfig | None,
+    lora: LoRAConfig | None,
+    data_options: DataOptions | None,
+    resume: str | Path | None,
+    device: torch.device,
+    progress: bool,
+) -> TrainResult:
+    """finetune() in this process, which may be one of several in a process group."""
     cfg = train_config or TrainConfig()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg.precision = resolve_precision(cfg.precision, device)  # needed here to pick the weights' dtype
     base = resolve_checkpoint(checkpoint)
     tokenizer = Tokenizer.from_checkpoint(base)
-    data_dir = prepare_data(data, tokenizer, run_dir, cfg.max_seq_length, data_options or DataOptions(), cfg.seed)
+    with distributed.main_first():  # rank 0 prepares the data, the others then find it cached
+        data_dir = prepare_data(data, tokenizer, run_dir, cfg.max_seq_length, data_options or DataOptions(), cfg.seed)
     train_set, val_set = load_prepared(data_dir)
     prompt_style = read_info(data_dir).prompt_style
 
@@ -118,22 +169,24 @@ def finetune(
     model = load_model(base, dtype=dtype, device=device)
     trainable = setup_method(model, method, lora)
     total = sum(p.numel() for p in model.parameters() if not p.requires_grad) + trainable
-    print(f"{method}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.3f}%)")
+    share = f"{100 * trainable / total:.3f}%"
+    distributed.print_main(f"{method}: {trainable:,} trainable parameters of {total:,} ({share})")
 
     resume_path = None
     if resume == "auto":
         resume_path = latest_checkpoint(run_dir)
     elif resume is not None:
         resume_path = Path(resume)
-    write_run_file(
-        run_dir,
-        method=method,
-        base_checkpoint=str(base),
-        data=str(data_dir),
-        prompt_style=prompt_style,
-        train=vars(cfg),
-        lora=vars(lora or LoRAConfig()) if method == "lora" else None,
-    )
+    if distributed.is_main():
+        write_run_file(
+            run_dir,
+            method=method,
+            base_checkpoint=str(base),
+            data=str(data_dir),
+            prompt_style=prompt_style,
+            train=vars(cfg),
+            lora=vars(lora or LoRAConfig()) if method == "lora" else None,
+        )
 
     sample_prompt = tokenizer.encode(format_prompt(SAMPLE_INSTRUCTION, "", prompt_style, tokenizer))
 
@@ -148,15 +201,19 @@ def finetune(
         print(f"\nstep {step}: val loss {val_loss:.4f}; sample: {text[:200]}")
 
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+    # Sampling runs on rank 0 alone, which cannot run a model whose weights FSDP shards over all ranks.
+    on_eval = show_sample if distributed.strategy_for(model) != "fsdp" else None
     result = train(
-        model, train_set, val_set, cfg, run_dir, pad_id, resume=resume_path, on_eval=show_sample, progress=progress
+        model, train_set, val_set, cfg, run_dir, pad_id, resume=resume_path, on_eval=on_eval, progress=progress
     )
     save_method_outputs(model, method, lora or LoRAConfig(), run_dir, str(base))
-    plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{method} on {Path(str(data)).name}")
-    print(
-        f"done: {result.steps} steps in {result.seconds:.0f} s, {result.tokens_per_s:.0f} tokens/s, "
-        f"peak memory {result.peak_memory_bytes / 2**30:.2f} GiB; outputs in {run_dir}"
-    )
+    if distributed.is_main():
+        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{method} on {Path(str(data)).name}")
+        print(
+            f"done: {result.steps} steps in {result.seconds:.0f} s, {result.tokens_per_s:.0f} tokens/s, "
+            f"peak memory {result.peak_memory_bytes / 2**30:.2f} GiB; outputs in {run_dir}"
+        )
+    distributed.barrier()  # every rank returns once the outputs exist
     return result
 
 

@@ -3,7 +3,9 @@
 A method (LoRA, full, ...) only decides which parameters exist and which train; this loop trains
 whatever requires grad. One optimizer step consumes `global_batch_size / micro_batch_size`
 micro-batches in a fixed, seeded order, so the data position is a function of the step number and
-a resumed run continues exactly where the interrupted one stopped.
+a resumed run continues exactly where the interrupted one stopped. Under torch.distributed the
+same loop runs in every process, each taking its share of every step's micro-batches
+(lorafit.distributed).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +22,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch import nn
 from tqdm import tqdm
 
+from lorafit import distributed
 from lorafit.data.batching import BatchPlan, collate
 from lorafit.model import LLaMA
 
@@ -100,6 +104,17 @@ def supervised_loss_sum(model: LLaMA, input_ids: torch.Tensor, labels: torch.Ten
     return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
 
+class SupervisedLoss(nn.Module):
+    """supervised_loss_sum as a module's forward, the call that DDP and FSDP hook their communication into."""
+
+    def __init__(self, model: LLaMA) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return supervised_loss_sum(self.model, input_ids, labels)
+
+
 def count_supervised(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
@@ -118,28 +133,48 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 
 
 # ------------------------------------------------------------------------------------------------
-# Resumable checkpoints: safetensors + JSON, no pickles.
+# Resumable checkpoints: safetensors + JSON, no pickles. The same files whatever the number of
+# processes that wrote them: whole tensors by parameter name, so a run resumes on any number.
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    keep: int) -> Path:
-    """Write trainable weights, optimizer state and RNG state for `step`; keep the newest `keep`."""
+def gather_on_main(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Whole tensors by name on rank 0's CPU, nothing elsewhere; FSDP shards are gathered (every rank must call).
+
+    One tensor at a time, so no GPU ever holds more than one whole tensor beyond its shards.
+    """
+    keep = distributed.is_main()
+    out = {}
+    for name, tensor in named:
+        full = distributed.full_tensor(tensor.detach())
+        if keep:
+            out[name] = full.cpu().contiguous()
+    return out
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, keep: int
+) -> Path:
+    """Write trainable weights, optimizer state and RNG state for `step`; keep the newest `keep`.
+
+    Under torch.distributed every rank calls it and rank 0 writes.
+    """
     final = run_dir / "checkpoints" / f"step-{step:06d}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(trainable, tmp / "trainable.safetensors")
+    trainable = gather_on_main((n, p) for n, p in model.named_parameters() if p.requires_grad)
     names = {id(p): n for n, p in model.named_parameters()}
     state = optimizer.state_dict()
     params_in_order = [p for g in optimizer.param_groups for p in g["params"]]
-    tensors = {}
-    for index, param_state in state["state"].items():
-        name = names[id(params_in_order[index])]
-        tensors.update({f"{name}::{key}": value.contiguous() for key, value in param_state.items()})
-    tensors["rng::cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng::cuda"] = torch.cuda.get_rng_state()
+    tensors = gather_on_main(
+        (f"{names[id(params_in_order[index])]}::{key}", value)
+        for index, param_state in state["state"].items()
+        for key, value in param_state.items()
+    )
+    tensors |= distributed.all_rng_states()
+    if not distributed.is_main():
+        return final
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(trainable, tmp / "trainable.safetensors")
     save_file(tensors, tmp / "optimizer.safetensors")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
     if final.exists():
@@ -151,7 +186,10 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Restore a checkpoint written by save_checkpoint; returns the step it was taken at."""
+    """Restore a checkpoint written by save_checkpoint; returns the step it was taken at.
+
+    Under torch.distributed every rank reads the files (the run directory must be shared).
+    """
     for required in ("trainable.safetensors", "optimizer.safetensors", "trainer_state.json"):
         if not (path / required).exists():
             raise FileNotFoundError(f"{path}: not a lorafit checkpoint (missing {required})")
@@ -160,24 +198,26 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     expected = {n for n, p in params.items() if p.requires_grad}
     if set(weights) != expected:
         missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
-        raise ValueError(f"{path}: checkpoint does not match this run's trainable parameters "
-                         f"(missing {missing[:3]}, unexpected {extra[:3]})")
+        raise ValueError(
+            f"{path}: checkpoint does not match this run's trainable parameters "
+            f"(missing {missing[:3]}, unexpected {extra[:3]})"
+        )
     with torch.no_grad():
         for name, value in weights.items():
-            params[name].copy_(value)
+            params[name].copy_(distributed.shard_like(value, params[name]))
     tensors = load_file(path / "optimizer.safetensors")
     names = {id(p): n for n, p in params.items()}
     state = optimizer.state_dict()
     params_in_order = [p for g in optimizer.param_groups for p in g["params"]]
     for index, param in enumerate(params_in_order):
         prefix = names[id(param)] + "::"
-        param_state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        param_state = {
+            k[len(prefix) :]: distributed.shard_like(v, param) for k, v in tensors.items() if k.startswith(prefix)
+        }
         if param_state:
             state["state"][index] = param_state
     optimizer.load_state_dict(state)
-    torch.set_rng_state(tensors["rng::cpu"])
-    if "rng::cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng::cuda"])
+    distributed.restore_rng_states(tensors)
     return json.loads((path / "trainer_state.json").read_text())["step"]
 
 
@@ -199,24 +239,34 @@ class TrainResult:
     peak_memory_bytes: int
 
 
-def evaluate(model: LLaMA, val_set, cfg: TrainConfig, pad_id: int, device: torch.device) -> float:
-    """Mean per-token validation loss over the first eval_batches length-sorted micro-batches."""
+def evaluate(
+    model: LLaMA, val_set, cfg: TrainConfig, pad_id: int, device: torch.device, loss_module: nn.Module | None = None
+) -> float:
+    """Mean per-token validation loss over the first eval_batches length-sorted micro-batches.
+
+    Under torch.distributed pass train's wrapped loss_module: the batches are shared out among the ranks.
+    """
+    loss_module = loss_module or SupervisedLoss(model)
     order = sorted(range(len(val_set)), key=lambda i: val_set.lengths[i])
     batches = [order[i : i + cfg.micro_batch_size] for i in range(0, len(order), cfg.micro_batch_size)]
     if cfg.eval_batches:
         # Spread the evaluated batches over all lengths rather than taking only the shortest.
         stride = max(1, len(batches) // cfg.eval_batches)
         batches = batches[::stride][: cfg.eval_batches]
-    was_training = model.training
-    model.eval()
+    was_training = loss_module.training
+    loss_module.eval()
     total, count = 0.0, 0
     with torch.no_grad(), autocast(cfg.precision, device):
-        for batch in batches:
+        for batch, counts in distributed.local_micro_batches(batches, distributed.rank(), distributed.world_size()):
             input_ids, labels = collate([val_set[i] for i in batch], pad_id)
             input_ids, labels = input_ids.to(device), labels.to(device)
-            total += supervised_loss_sum(model, input_ids, labels).item()
-            count += count_supervised(labels)
-    model.train(was_training)
+            loss = loss_module(input_ids, labels).item()
+            if counts:
+                total += loss
+                count += count_supervised(labels)
+    distributed.reshard(loss_module)
+    loss_module.train(was_training)
+    total, count = distributed.all_reduce_sum([total, count], device)
     return total / max(count, 1)
 
 
@@ -250,11 +300,18 @@ def train(
     on_eval: Callable[[int, float], None] | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train the parameters of `model` that require grad on train_set; evaluate on val_set."""
+    """Train the parameters of `model` that require grad on train_set; evaluate on val_set.
+
+    Under torch.distributed every rank calls it with the same arguments and takes its share of each
+    step (lorafit.distributed); metrics, checkpoint files, on_eval and the progress bar are rank 0's.
+    """
     from lorafit.generate import peak_memory_bytes
 
     device = next(model.parameters()).device
     cfg.precision = resolve_precision(cfg.precision, device)
+    env = distributed.environment()
+    if env.world_size > 1:
+        distributed.check_batch_layout(cfg.global_batch_size, cfg.micro_batch_size, env.world_size)
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
     plan = BatchPlan(train_set.lengths, cfg.micro_batch_size, cfg.seed)
@@ -262,14 +319,20 @@ def train(
     steps_per_epoch = math.ceil(micro_batches_per_epoch / cfg.accumulation)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     model.activation_checkpointing = cfg.activation_checkpointing
-    optimizer = make_optimizer(model, cfg)
+    strategy = distributed.strategy_for(model)
+    loss_module = distributed.parallelize(SupervisedLoss(model), model.layers, strategy, device)
+    optimizer = make_optimizer(model, cfg)  # after FSDP, which replaces the parameters by shards
+    if env.rank > 0:
+        # Each rank draws its own dropout masks; rank 0 keeps the caller's stream, as one process would.
+        torch.manual_seed(cfg.seed + env.rank)
 
     start_step = 0
     if resume is not None:
         start_step = load_checkpoint(resume, model, optimizer)
-        keep_metrics_until(metrics_path, start_step)
-        print(f"resumed from {resume} at step {start_step}")
-    elif metrics_path.exists():
+        if env.is_main:
+            keep_metrics_until(metrics_path, start_step)
+        distributed.print_main(f"resumed from {resume} at step {start_step}")
+    elif env.is_main and metrics_path.exists():
         metrics_path.unlink()  # a fresh run starts a fresh log
 
     def micro_batches_of(step: int) -> list[list[int]]:
@@ -277,49 +340,66 @@ def train(
         batches = plan.batches(epoch)
         return batches[index * cfg.accumulation : (index + 1) * cfg.accumulation]
 
-    model.train()
+    loss_module.train()
     train_loss, val_loss = float("nan"), None
     real_tokens, started = 0, time.perf_counter()
-    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not progress,
-               desc="finetune", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        range(start_step, total_steps),
+        initial=start_step,
+        total=total_steps,
+        disable=not (progress and env.is_main),
+        desc="finetune",
+        unit="step",
+        dynamic_ncols=True,
+    )
     for step in bar:
         step_started = time.perf_counter()
         lr = learning_rate_at(step, total_steps, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        indices = micro_batches_of(step)
-        batches = [collate([train_set[i] for i in b], pad_id) for b in indices]
-        step_tokens = sum(train_set.lengths[i] for b in indices for i in b)  # real tokens, no padding
-        # Normalise by the supervised tokens of the whole step so accumulation equals one big batch.
-        n_supervised = max(1, sum(count_supervised(labels) for _, labels in batches))
+        mine = distributed.local_micro_batches(micro_batches_of(step), env.rank, env.world_size)
+        batches = [(collate([train_set[i] for i in b], pad_id), counts) for b, counts in mine]
+        local_tokens = sum(train_set.lengths[i] for b, counts in mine if counts for i in b)  # real tokens, no padding
+        local_supervised = sum(count_supervised(labels) for (_, labels), counts in batches if counts)
+        # Normalise by the supervised tokens of the whole step, on all ranks, so accumulation equals one big batch.
+        step_tokens, n_supervised = distributed.all_reduce_sum([local_tokens, local_supervised], device)
+        n_supervised = max(1, int(n_supervised))
         loss_sum = 0.0
-        for input_ids, labels in batches:
+        for index, ((input_ids, labels), counts) in enumerate(batches):
             input_ids, labels = input_ids.to(device), labels.to(device)
-            with autocast(cfg.precision, device):
-                loss = supervised_loss_sum(model, input_ids, labels) / n_supervised
-            loss.backward()
-            loss_sum += loss.item()
+            with distributed.gradient_sync(loss_module, enabled=index == len(batches) - 1):
+                with autocast(cfg.precision, device):
+                    loss = loss_module(input_ids, labels) / n_supervised
+                # DDP and FSDP average gradients over the ranks, but each rank's loss is already its share of
+                # the step's mean: scale so the average is the sum. Padding micro-batches count for nothing.
+                (loss * (env.world_size if counts else 0)).backward()
+            if counts:
+                loss_sum += loss.item()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        train_loss = loss_sum
-        real_tokens += step_tokens
+        train_loss = distributed.all_reduce_sum([loss_sum], device)[0]
+        real_tokens += int(step_tokens)
         elapsed = time.perf_counter() - started
-        record = {"step": step + 1, "train_loss": train_loss, "lr": lr,
-                  "step_tokens_per_s": step_tokens / (time.perf_counter() - step_started),
-                  "elapsed_s": elapsed}
+        record = {
+            "step": step + 1,
+            "train_loss": train_loss,
+            "lr": lr,
+            "step_tokens_per_s": step_tokens / (time.perf_counter() - step_started),
+            "elapsed_s": elapsed,
+        }
         is_last = step + 1 == total_steps
         if (cfg.eval_interval and (step + 1) % cfg.eval_interval == 0) or is_last:
             if val_set is not None and len(val_set):
-                val_loss = evaluate(model, val_set, cfg, pad_id, device)
+                val_loss = evaluate(model, val_set, cfg, pad_id, device, loss_module)
                 record |= {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
-                if on_eval is not None:
+                if on_eval is not None and env.is_main:
                     on_eval(step + 1, val_loss)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{real_tokens / elapsed:.0f}",
-                        refresh=False)
+        if env.is_main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{real_tokens / elapsed:.0f}", refresh=False)
         if cfg.save_interval and (step + 1) % cfg.save_interval == 0 and not is_last:
             save_checkpoint(run_dir, step + 1, model, optimizer, cfg.keep_checkpoints)
     bar.close()
