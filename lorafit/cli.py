@@ -133,6 +133,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
+    from lorafit.adapter import AdapterConfig
     from lorafit.finetune import DataOptions, finetune
     from lorafit.lora import LoRAConfig
     from lorafit.train import TrainConfig
@@ -155,6 +156,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     lora = LoRAConfig(
         r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.lora_targets, rslora=args.rslora
     )
+    adapter = AdapterConfig(prompt_length=args.adapter_prompt_length, start_layer=args.adapter_start_layer)
     data_options = DataOptions(
         prompt_style=args.prompt_style, mask_prompt=not args.no_mask_prompt, val_size=args.val_size
     )
@@ -170,6 +172,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         args.device,
         devices=args.devices,
         nodes=args.nodes,
+        adapter=adapter,
     )
 
 
@@ -178,6 +181,8 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
     out = merge_adapter(args.run, args.out, args.checkpoint)
     print(f"merged model written to {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
+    if (out / "adapter").is_dir():
+        print(f"prompts, gates and biases do not fit a Llama checkpoint: also pass --adapter {out / 'adapter'}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -206,6 +211,8 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--lora-targets", default="q,v", help="comma-separated among q,k,v,o,gate,up,down,lm_head, or all")
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
+    p.add_argument("--adapter-prompt-length", type=int, default=10, help="LLaMA-Adapter: prompt tokens per layer")
+    p.add_argument("--adapter-start-layer", type=int, default=2, help="LLaMA-Adapter: first layer with a prompt")
     p.add_argument("--eval-interval", type=int, default=100, help="steps between evaluations")
     p.add_argument("--save-interval", type=int, default=1000, help="steps between resumable checkpoints")
     p.add_argument("--resume", default=None, help="a checkpoint directory, or auto for the run's latest")
@@ -213,6 +220,10 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activation-checkpointing", action="store_true", help="trade compute for memory")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default=None)
+    p.add_argument(
+        "--devices", type=int, default=1, help="processes (GPUs) per node: DDP for LoRA/adapters, FSDP for full"
+    )
+    p.add_argument("--nodes", type=int, default=1, help="machines, each started with the same command")
     p.add_argument(
         "--prompt-style",
         default=None,
@@ -270,7 +281,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.set_defaults(handler=cmd_finetune)
 
     p = commands.add_parser(
-        "merge", parents=[recipe], help="fold a LoRA run into its base model, written in Hugging Face format"
+        "merge",
+        parents=[recipe],
+        help="fold a LoRA (or LLaMA-Adapter v2) run into its base model, written in Hugging Face format",
     )
     p.add_argument("run", help="a finetuning run directory or PEFT adapter directory")
     p.add_argument("--out", required=True)

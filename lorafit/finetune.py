@@ -13,6 +13,16 @@ from pathlib import Path
 import torch
 
 from lorafit import distributed
+from lorafit.adapter import METHODS as ADAPTER_METHODS
+from lorafit.adapter import (
+    AdapterConfig,
+    adapter_method,
+    apply_adapter,
+    base_state_dict,
+    fold_scales,
+    load_adapter,
+    save_adapter,
+)
 from lorafit.checkpoint import load_model, save_hf_model
 from lorafit.data import format_prompt, load_prepared, prepare_source
 from lorafit.data.prepare import read_info
@@ -30,7 +40,7 @@ from lorafit.train import (
     train,
 )
 
-METHODS = ("lora", "full")
+METHODS = ("lora", "adapter", "adapter-v2", "full")
 RUN_FILE = "lorafit_run.json"
 SAMPLE_INSTRUCTION = "Recommend a movie for me to watch during the weekend and explain the reason."
 
@@ -47,10 +57,12 @@ class DataOptions:
     """alpaca or dolly field names; default: detected."""
 
 
-def setup_method(model: LLaMA, method: str, lora: LoRAConfig | None) -> int:
+def setup_method(model: LLaMA, method: str, lora: LoRAConfig | None, adapter: AdapterConfig | None = None) -> int:
     """Add the method's parameters and freeze the rest; returns the trainable parameter count."""
     if method == "lora":
         return apply_lora(model, lora or LoRAConfig())
+    if method in ADAPTER_METHODS:
+        return apply_adapter(model, method, adapter or AdapterConfig())
     if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -71,14 +83,26 @@ def save_hf_directory(
         (out_dir / "generation_config.json").write_text((base / "generation_config.json").read_text())
 
 
-def save_method_outputs(model: LLaMA, method: str, lora: LoRAConfig | None, run_dir: Path, base: str) -> None:
-    """LoRA: a PEFT adapter in the run directory. Full: a Hugging Face model in run_dir/model.
+def save_method_outputs(
+    model: LLaMA,
+    method: str,
+    lora: LoRAConfig | None,
+    run_dir: Path,
+    base: str,
+    adapter: AdapterConfig | None = None,
+) -> None:
+    """LoRA: a PEFT adapter in the run directory. LLaMA-Adapter: adapter.safetensors + adapter_config.json there.
+    Full: a Hugging Face model in run_dir/model.
 
     Under torch.distributed every rank calls it (FSDP shards are gathered) and rank 0 writes.
     """
     if method == "lora":
         if distributed.is_main():  # DDP keeps whole, identical LoRA weights on every rank
             save_peft_adapter(model, lora, run_dir, base_model_name_or_path=base)
+        return
+    if method in ADAPTER_METHODS:
+        if distributed.is_main():  # as with LoRA: DDP, whole weights on every rank
+            save_adapter(model, method, adapter or AdapterConfig(), run_dir, base_model_name_or_path=base)
         return
     state = gather_on_main(model.state_dict().items())
     if distributed.is_main():
@@ -123,10 +147,11 @@ def finetune(
     progress: bool = True,
     devices: int = 1,
     nodes: int = 1,
+    adapter: AdapterConfig | None = None,
 ) -> TrainResult:
-    """Finetune `checkpoint` on `data` with `method`; everything lands in run_dir.
+    """Finetune `checkpoint` on `data` with `method` (lora, adapter, adapter-v2, full); everything lands in run_dir.
 
-    devices × nodes > 1 runs this same call in that many processes (DDP for LoRA, FSDP2 for full
+    devices × nodes > 1 runs this same call in that many processes (DDP for LoRA and LLaMA-Adapter, FSDP2 for full
     finetuning); under torchrun the environment says so and nothing is launched here.
     """
     arguments = dict(locals())  # exactly this call, for the workers to repeat
@@ -137,7 +162,7 @@ def finetune(
     device = distributed.device_for(device, distributed.environment())
     with distributed.process_group(device):
         return finetune_here(
-            method, data, run_dir, checkpoint, train_config, lora, data_options, resume, device, progress
+            method, data, run_dir, checkpoint, train_config, lora, data_options, resume, device, progress, adapter
         )
 
 
@@ -152,6 +177,7 @@ def finetune_here(
     resume: str | Path | None,
     device: torch.device,
     progress: bool,
+    adapter: AdapterConfig | None = None,
 ) -> TrainResult:
     """finetune() in this process, which may be one of several in a process group."""
     cfg = train_config or TrainConfig()
@@ -167,7 +193,7 @@ def finetune_here(
 
     dtype = torch.bfloat16 if cfg.precision == "bf16-true" else torch.float32
     model = load_model(base, dtype=dtype, device=device)
-    trainable = setup_method(model, method, lora)
+    trainable = setup_method(model, method, lora, adapter)
     total = sum(p.numel() for p in model.parameters() if not p.requires_grad) + trainable
     share = f"{100 * trainable / total:.3f}%"
     distributed.print_main(f"{method}: {trainable:,} trainable parameters of {total:,} ({share})")
@@ -186,6 +212,7 @@ def finetune_here(
             prompt_style=prompt_style,
             train=vars(cfg),
             lora=vars(lora or LoRAConfig()) if method == "lora" else None,
+            adapter=vars(adapter or AdapterConfig()) if method in ADAPTER_METHODS else None,
         )
 
     sample_prompt = tokenizer.encode(format_prompt(SAMPLE_INSTRUCTION, "", prompt_style, tokenizer))
@@ -206,7 +233,7 @@ def finetune_here(
     result = train(
         model, train_set, val_set, cfg, run_dir, pad_id, resume=resume_path, on_eval=on_eval, progress=progress
     )
-    save_method_outputs(model, method, lora or LoRAConfig(), run_dir, str(base))
+    save_method_outputs(model, method, lora or LoRAConfig(), run_dir, str(base), adapter)
     if distributed.is_main():
         plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{method} on {Path(str(data)).name}")
         print(
@@ -232,10 +259,29 @@ def read_run_file(run_dir: str | Path) -> dict:
 
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
-    """Fold a LoRA adapter into its base model and write a Hugging Face model directory."""
+    """Fold an adapter into its base model and write a Hugging Face model directory.
+
+    LoRA folds completely. LLaMA-Adapter v2 folds its scales and norms; the rest (prompts, gates,
+    biases: a Llama checkpoint has no place for them) is written to out_dir/adapter, an adapter over
+    the merged model. v1 has nothing that folds, so it is refused.
+    """
+    method = adapter_method(adapter_dir)
+    if method == "adapter":
+        raise ValueError(
+            f"{adapter_dir}: a LLaMA-Adapter (v1) run has nothing to fold into the base weights (its prompts and "
+            "gates need the adapter's attention); use it with --adapter instead"
+        )
     base = resolve_checkpoint(checkpoint or adapter_base_model(adapter_dir))
     model = load_model(base)
-    load_peft_adapter(model, adapter_dir)
-    merge_lora(model)
-    save_hf_directory(model, base, Path(out_dir))
-    return Path(out_dir)
+    out_dir = Path(out_dir)
+    if method == "lora":
+        load_peft_adapter(model, adapter_dir)
+        merge_lora(model)
+        save_hf_directory(model, base, out_dir)
+        return out_dir
+    _, config = load_adapter(model, adapter_dir)
+    fold_scales(model)
+    save_hf_directory(model, base, out_dir, base_state_dict(model))
+    # A subdirectory: an adapter_config.json beside config.json would make transformers look for a PEFT adapter.
+    save_adapter(model, method, config, out_dir / "adapter", base_model_name_or_path=str(out_dir.resolve()))
+    return out_dir

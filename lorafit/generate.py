@@ -262,10 +262,12 @@ class LLM:
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
     ) -> LLM:
-        """Load a checkpoint (path, known name, HF repo id) and optionally a LoRA adapter.
+        """Load a checkpoint (path, known name, HF repo id) and optionally an adapter: a LoRA run or PEFT
+        adapter, or a LLaMA-Adapter (v1/v2) run.
 
         Without a checkpoint: the adapter's base model, else the embedded default model.
         """
+        from lorafit.adapter import adapter_method, load_adapter
         from lorafit.checkpoint import load_model
         from lorafit.hub import resolve_checkpoint
         from lorafit.lora import adapter_base_model
@@ -277,13 +279,16 @@ class LLM:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = resolve_dtype(dtype, device)
         model = load_model(path, dtype=dtype, device=device)
-        if adapter is not None:
+        if adapter is not None and adapter_method(adapter) == "lora":
             from lorafit.lora import load_peft_adapter, merge_lora
 
             load_peft_adapter(model, adapter)
             # Folded into the base weights, the adapter costs nothing per token.
             merge_lora(model)
             model.to(dtype)
+        elif adapter is not None:
+            # LLaMA-Adapter stays a live module; its prompt's keys/values are computed once and reused while decoding.
+            load_adapter(model, adapter)
         use_decode_layout(model)
         return cls(model, Tokenizer.from_checkpoint(path))
 

@@ -95,6 +95,8 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
         self.kv_cache: KVCache | None = None
+        # LLaMA-Adapter's learned prompt (lorafit/adapter.py), set by apply_adapter; None in the plain model.
+        self.adapter: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
         B, T, _ = x.shape
@@ -105,6 +107,9 @@ class CausalSelfAttention(nn.Module):
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(start, k, v)
         y = self.attend(q, k, v, start)
+        if self.adapter is not None:
+            # LLaMA-Adapter: a zero-gated attention over learned prompt tokens, added to the sequence's.
+            y = y + self.adapter(q, self.k_proj, self.v_proj)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:

@@ -1,0 +1,342 @@
+"""LLaMA-Adapter v1/v2: zero-init start, trainable sets and counts, GQA, cached prompt, training, save/load, runs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorafit.adapter import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    AdapterConfig,
+    AdapterV2Linear,
+    PromptAdapter,
+    adapter_method,
+    adapter_parameters,
+    apply_adapter,
+    fold_scales,
+    load_adapter,
+    save_adapter,
+)
+from lorafit.config import Config
+from lorafit.model import LLaMA
+from lorafit.train import train
+from tests.test_train import (  # noqa: F401  (one_thread and tiny_checkpoint are fixtures)
+    PAD,
+    VOCAB,
+    one_thread,
+    read_metrics,
+    repetitive_dataset,
+    small_config,
+    tiny_checkpoint,
+)
+
+METHODS = ("adapter", "adapter-v2")
+TINY = Config(
+    name="tiny",
+    vocab_size=VOCAB,
+    n_layer=3,
+    n_embd=32,
+    n_head=4,
+    n_kv_head=2,  # grouped-query attention: two query heads per key/value head
+    intermediate_size=64,
+    block_size=128,
+)
+SMALL_ADAPTER = AdapterConfig(prompt_length=5, start_layer=1)
+IDS = torch.tensor([[1, 5, 17, 33, 9, 40, 8, 22], [1, 7, 7, 3, 60, 2, 11, 50]])
+
+
+def tiny_model(seed: int = 0, tie: bool = False) -> LLaMA:
+    torch.manual_seed(seed)
+    config = Config(**{**vars(TINY), "tie_embeddings": tie})
+    return LLaMA(config).eval()
+
+
+def perturb(model: LLaMA, seed: int = 1) -> None:
+    """Give every adapter tensor a random non-initial value, as training would (gates open, scales move)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in adapter_parameters(model).items():
+            noise = torch.randn(p.shape, generator=generator)
+            p.add_(noise * (0.5 if name.endswith("gate") else 0.1))
+
+
+def logits(model: LLaMA, ids: torch.Tensor = IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("tie", [False, True])
+def test_at_initialisation_the_model_is_exactly_the_base_model(method, tie):
+    model = tiny_model(tie=tie)
+    before = logits(model)
+    apply_adapter(model, method, SMALL_ADAPTER)
+    assert torch.equal(logits(model), before)
+    model.train()
+    with torch.no_grad():
+        assert torch.equal(model(IDS), before)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_only_the_adapter_parameters_require_grad(method):
+    model = tiny_model()
+    apply_adapter(model, method, SMALL_ADAPTER)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    prompts = {f"layers.{i}.self_attn.adapter.{t}" for i in (1, 2) for t in ("prompt.weight", "gate")}
+    if method == "adapter":
+        assert trainable == prompts
+        return
+    linears = [f"layers.{i}.self_attn.{m}_proj" for i in range(3) for m in "qkvo"]
+    linears += [f"layers.{i}.mlp.{m}_proj" for i in range(3) for m in ("gate", "up", "down")] + ["lm_head"]
+    norms = [f"layers.{i}.{n}.weight" for i in range(3) for n in ("input_layernorm", "post_attention_layernorm")]
+    expected = prompts | {f"{m}.adapter_{t}" for m in linears for t in ("bias", "scale")} | {*norms, "norm.weight"}
+    assert trainable == expected
+
+
+@pytest.mark.parametrize(("method", "count"), [("adapter", 1_229_760), ("adapter-v2", 4_279_744)])
+def test_llama2_7b_trainable_counts(method, count):
+    from lorafit.estimate import count_parameters
+    from lorafit.finetune import setup_method
+
+    config = Config.from_name("Llama-2-7B")
+    with torch.device("meta"):
+        model = LLaMA(config)
+    # v1: 30 adapted layers x (10 prompt vectors x 4096 + 32 gates). v2 adds a bias and a scale on every linear
+    # layer's output (7 per block and the LM head: 2 x (32 x 44_032 + 32_000)) and every RMSNorm (65 x 4096).
+    assert setup_method(model, method, None, AdapterConfig()) == count
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count
+    assert count_parameters(config, method)[0] == count
+
+
+def test_grouped_query_prompt_attention_matches_a_by_hand_reference():
+    model = tiny_model()
+    apply_adapter(model, "adapter", SMALL_ADAPTER)
+    perturb(model)
+    attn = model.layers[1].self_attn
+    adapter: PromptAdapter = attn.adapter
+    q = torch.randn(2, TINY.n_head, 6, TINY.head_dim)
+    with torch.no_grad():
+        out = adapter(q, attn.k_proj, attn.v_proj)
+        prompt = adapter.prompt.weight
+        # No RoPE on the prompt's keys; each key/value head serves n_head / n_kv_head query heads.
+        k = attn.k_proj(prompt).view(-1, TINY.n_kv_head, TINY.head_dim).transpose(0, 1).repeat_interleave(2, dim=0)
+        v = attn.v_proj(prompt).view(-1, TINY.n_kv_head, TINY.head_dim).transpose(0, 1).repeat_interleave(2, dim=0)
+        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(TINY.head_dim), dim=-1)
+        expected = (weights @ v) * adapter.gate.view(1, -1, 1, 1)
+    assert out.shape == (2, TINY.n_head, 6, TINY.head_dim)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_kv_cache_decoding_equals_full_recomputation(method, monkeypatch):
+    from lorafit.generate import generate
+
+    model = tiny_model()
+    apply_adapter(model, method, SMALL_ADAPTER)
+    perturb(model)
+    projections = []
+    original = PromptAdapter._project
+    monkeypatch.setattr(PromptAdapter, "_project", lambda self, *a: projections.append(self) or original(self, *a))
+
+    prompt = [1, 5, 17, 33, 9]
+    tokens = list(generate(model, prompt, max_new_tokens=10))
+    # The prompt's keys/values were computed once per adapted layer, not once per decoded token.
+    assert len(projections) == 2
+    model.setup_kv_cache(1, 64)
+    seq = prompt + tokens
+    with torch.no_grad():
+        cached = [model(torch.tensor([seq[:5]]))[0]]
+        cached += [model(torch.tensor([[seq[t]]]), start=t)[0] for t in range(5, len(seq))]
+        model.clear_kv_cache()
+        full = model(torch.tensor([seq]))[0]
+    torch.testing.assert_close(torch.cat(cached), full, atol=1e-5, rtol=1e-5)
+    assert [int(t) for t in full[4:-1].argmax(-1)] == tokens
+
+
+def test_the_cached_prompt_follows_weight_changes():
+    model = tiny_model()
+    apply_adapter(model, "adapter", SMALL_ADAPTER)
+    perturb(model)
+    first = logits(model)
+    with torch.no_grad():
+        model.layers[2].self_attn.adapter.prompt.weight.mul_(2.0)
+    changed = logits(model)
+    assert not torch.equal(changed, first)
+    model.train()  # a mode change drops the cache; the same weights give the same answer
+    assert torch.equal(logits(model), changed)
+
+
+def test_training_through_the_one_loop_lowers_the_loss(tmp_path):
+    model = tiny_model()
+    apply_adapter(model, "adapter-v2", SMALL_ADAPTER)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    cfg = small_config(max_steps=40, micro_batch_size=8, global_batch_size=8, learning_rate=2e-2, warmup_steps=4)
+    train(model, repetitive_dataset(32), None, cfg, tmp_path, PAD, progress=False)
+    losses = [r["train_loss"] for r in read_metrics(tmp_path)]
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert model.layers[1].self_attn.adapter.gate.abs().sum() > 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_save_and_load_round_trip_gives_identical_logits(tmp_path, method):
+    model = tiny_model()
+    apply_adapter(model, method, SMALL_ADAPTER)
+    perturb(model)
+    save_adapter(model, method, SMALL_ADAPTER, tmp_path, base_model_name_or_path="some/base")
+    assert json.loads((tmp_path / ADAPTER_CONFIG).read_text()) == {
+        "method": method,
+        "prompt_length": 5,
+        "start_layer": 1,
+        "base_model_name_or_path": "some/base",
+    }
+    assert adapter_method(tmp_path) == method
+    loaded = tiny_model()
+    assert load_adapter(loaded, tmp_path) == (method, SMALL_ADAPTER)
+    assert torch.equal(logits(loaded), logits(model))
+
+
+def test_load_names_a_missing_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model()
+    apply_adapter(model, "adapter", SMALL_ADAPTER)
+    save_adapter(model, "adapter", SMALL_ADAPTER, tmp_path, base_model_name_or_path="b")
+    tensors = load_file(tmp_path / ADAPTER_WEIGHTS)
+    del tensors["layers.2.self_attn.adapter.gate"]
+    save_file(tensors, tmp_path / ADAPTER_WEIGHTS)
+    with pytest.raises(ValueError, match=r"adapter\.safetensors: missing tensor\(s\) layers\.2\.self_attn\.adapter"):
+        load_adapter(tiny_model(), tmp_path)
+
+
+def test_start_layer_beyond_the_model_is_refused():
+    with pytest.raises(ValueError, match="adapter start_layer 3 leaves no layer to adapt"):
+        apply_adapter(tiny_model(), "adapter", AdapterConfig(start_layer=3))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_folding_v2_scales_keeps_the_logits(tie):
+    model = tiny_model(tie=tie)
+    apply_adapter(model, "adapter-v2", SMALL_ADAPTER)
+    perturb(model)
+    before = logits(model)
+    skipped = fold_scales(model)
+    # A tied LM head shares the embedding, so its scale stays in the adapter.
+    assert skipped == (["lm_head"] if tie else [])
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterV2Linear) and name not in skipped:
+            assert torch.equal(module.adapter_scale, torch.ones_like(module.adapter_scale))
+    torch.testing.assert_close(logits(model), before, atol=1e-5, rtol=1e-5)
+
+
+# ---- finetune() end to end on a tiny checkpoint ---------------------------------------------------
+
+
+def numbers_data(tmp_path: Path) -> Path:
+    records = [{"instruction": f"Say the number {i}.", "input": "", "output": f"{i} {i} {i}"} for i in range(16)]
+    path = tmp_path / "numbers.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_finetune_end_to_end_and_generate_from_the_run(
+    tmp_path,
+    tiny_checkpoint,  # noqa: F811  (the fixture imported from test_train)
+    method,
+    capsys,
+    monkeypatch,
+):
+    import lorafit.finetune as finetune_module
+    from lorafit.finetune import DataOptions, finetune, read_run_file
+    from lorafit.generate import LLM, generate
+    from lorafit.lora import adapter_base_model
+
+    run_dir = tmp_path / "run"
+    cfg = small_config(max_steps=3, max_seq_length=96, learning_rate=5e-2)
+    config = AdapterConfig(prompt_length=4, start_layer=1)
+    trained = {}
+    save = finetune_module.save_method_outputs
+
+    def save_and_keep(model, *args, **kwargs):
+        trained["model"] = model
+        return save(model, *args, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "save_method_outputs", save_and_keep)
+    result = finetune(
+        method,
+        numbers_data(tmp_path),
+        run_dir,
+        checkpoint=tiny_checkpoint,
+        train_config=cfg,
+        data_options=DataOptions(val_size=2),
+        progress=False,
+        device="cpu",
+        adapter=config,
+    )
+    assert result.steps == 3
+    assert f"{method}: " in capsys.readouterr().out
+    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, "lorafit_run.json", "metrics.jsonl"):
+        assert (run_dir / name).is_file(), name
+    run = read_run_file(run_dir)
+    assert (run["method"], run["adapter"], run["lora"]) == (method, {"prompt_length": 4, "start_layer": 1}, None)
+    assert adapter_base_model(run_dir) == str(tiny_checkpoint)
+
+    model = trained["model"].eval()
+    prompt = [1, 20, 31, 44, 7]
+    expected = list(generate(model, prompt, max_new_tokens=12))
+    llm = LLM.load(adapter=run_dir, device="cpu", dtype="float32")
+    assert list(generate(llm.model, prompt, max_new_tokens=12)) == expected
+
+
+def test_merge_v2_folds_what_a_llama_checkpoint_holds_and_keeps_the_rest(tmp_path, tiny_checkpoint):  # noqa: F811
+    from lorafit.checkpoint import load_model
+    from lorafit.finetune import merge_adapter
+
+    model = load_model(tiny_checkpoint)
+    apply_adapter(model, "adapter-v2", SMALL_ADAPTER)
+    perturb(model)
+    run = tmp_path / "run"
+    save_adapter(model, "adapter-v2", SMALL_ADAPTER, run, base_model_name_or_path=str(tiny_checkpoint))
+    expected = logits(model)
+
+    out = merge_adapter(run, tmp_path / "merged")
+    merged = load_model(out)  # a plain Llama checkpoint with the scales and norms folded in
+    assert not torch.equal(merged.norm.weight, load_model(tiny_checkpoint).norm.weight)
+    assert adapter_method(out / "adapter") == "adapter-v2"
+    load_adapter(merged, out / "adapter")  # prompts, gates and biases stay an adapter, over the merged model
+    assert all(
+        torch.equal(m.adapter_scale, torch.ones_like(m.adapter_scale))
+        for m in merged.modules()
+        if isinstance(m, AdapterV2Linear)
+    )
+    torch.testing.assert_close(logits(merged), expected, atol=1e-5, rtol=1e-5)
+    # transformers reads the merged directory as a plain Llama (the adapter's subdirectory does not confuse it).
+    import transformers
+
+    hf = transformers.LlamaForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(hf.model.norm.weight, merged.norm.weight)
+
+
+def test_merge_refuses_a_v1_run(tmp_path):
+    from lorafit.finetune import merge_adapter
+
+    model = tiny_model()
+    apply_adapter(model, "adapter", SMALL_ADAPTER)
+    save_adapter(model, "adapter", SMALL_ADAPTER, tmp_path, base_model_name_or_path="b")
+    with pytest.raises(ValueError, match="LLaMA-Adapter \\(v1\\) run has nothing to fold"):
+        merge_adapter(tmp_path, tmp_path / "out")
+
+
+def test_cli_finetune_takes_the_adapter_flags():
+    from lorafit.cli import parse_args
+
+    args = parse_args(["finetune", "adapter-v2", "--data", "d.json", "--out", "o"])
+    assert (args.method, args.adapter_prompt_length, args.adapter_start_layer) == ("adapter-v2", 10, 2)
+    args = parse_args(["finetune", "adapter", "--data", "d", "--out", "o", "--adapter-prompt-length", "4"])
+    assert args.adapter_prompt_length == 4
