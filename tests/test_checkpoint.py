@@ -9,7 +9,6 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import shared_file
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -21,6 +20,7 @@ from lorafit.checkpoint import (
     read_gguf,
     save_hf_model,
 )
+from tests.conftest import shared_file
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",

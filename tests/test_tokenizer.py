@@ -7,10 +7,10 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import shared_file
 from jinja2.exceptions import TemplateError
 
 from lorafit.tokenizer import Tokenizer
+from tests.conftest import shared_file
 
 transformers = pytest.importorskip("transformers")
 
