@@ -15,7 +15,7 @@ from lorafit.checkpoint import load_model
 from lorafit.data import format_prompt
 from lorafit.data.demo_task import make_contact_notes, score, split
 from lorafit.finetune import DataOptions, finetune
-from lorafit.generate import generate, use_decode_layout
+from lorafit.generate import generate_batch, use_decode_layout
 from lorafit.hub import DEFAULT_MODEL, download
 from lorafit.lora import LoRAConfig, load_peft_adapter, merge_lora
 from lorafit.model import LLaMA
@@ -45,13 +45,15 @@ class DemoConfig:
         return cls(n_train=64, n_val=8, n_test=12)
 
 
-def answer_all(model: LLaMA, tokenizer: Tokenizer, records: list[dict], style: str, max_new_tokens: int) -> list[str]:
-    """Greedy answers to each record's prompt, formatted exactly as in training."""
+def answer_all(
+    model: LLaMA, tokenizer: Tokenizer, records: list[dict], style: str, max_new_tokens: int, batch_size: int = 20
+) -> list[str]:
+    """Greedy answers to each record's prompt, formatted exactly as in training, several prompts per batch."""
+    prompts = [tokenizer.encode(format_prompt(r["instruction"], r["input"], style, tokenizer)) for r in records]
     answers = []
-    for record in records:
-        prompt = tokenizer.encode(format_prompt(record["instruction"], record["input"], style, tokenizer))
-        ids = list(generate(model, prompt, max_new_tokens, stop_ids=tokenizer.stop_ids))
-        answers.append(tokenizer.decode([i for i in ids if i not in tokenizer.stop_ids], skip_special_tokens=True))
+    for i in range(0, len(prompts), batch_size):
+        for ids in generate_batch(model, prompts[i : i + batch_size], max_new_tokens, stop_ids=tokenizer.stop_ids):
+            answers.append(tokenizer.decode([t for t in ids if t not in tokenizer.stop_ids], skip_special_tokens=True))
     return answers
 
 

@@ -188,6 +188,51 @@ def generate(
         stats.peak_memory_bytes = peak_memory_bytes(device)
 
 
+@torch.inference_mode()
+def generate_batch(
+    model: LLaMA,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    stop_ids: Iterable[int] = (),
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """New token ids for several prompts at once (each list ends at its first stop id).
+
+    The prompts are left-padded into one batch with the padding hidden from attention; RoPE only
+    sees relative positions, so each answer equals its own unbatched one (up to float rounding).
+    Decoding is bound by reading the weights, so a batch of B costs little more than one prompt.
+    """
+    device = model.embed_tokens.weight.device
+    batch, longest = len(prompts), max(len(p) for p in prompts)
+    total = longest + max_new_tokens
+    idx = torch.zeros(batch, longest, dtype=torch.long, device=device)
+    key_mask = torch.ones(batch, total, dtype=torch.bool, device=device)
+    for row, prompt in enumerate(prompts):
+        pad = longest - len(prompt)
+        idx[row, pad:] = torch.as_tensor(prompt, device=device)
+        key_mask[row, :pad] = False
+    stop = set(stop_ids)
+    answers: list[list[int]] = [[] for _ in prompts]
+    finished = [False] * batch
+    model.setup_kv_cache(batch, total)
+    try:
+        logits = model.lm_head(model.hidden_states(idx, 0, key_mask[:, :longest])[:, -1])
+        for step in range(max_new_tokens):
+            tokens = sample_next(logits, temperature, generator=generator)
+            for row, token in enumerate(tokens.tolist()):
+                if not finished[row]:
+                    answers[row].append(token)
+                    finished[row] = token in stop
+            if all(finished) or step == max_new_tokens - 1:
+                break
+            position = longest + step
+            logits = model(tokens.reshape(batch, 1), position, key_mask[:, : position + 1])[:, -1]
+    finally:
+        model.clear_kv_cache()  # batch-sized; the next single-prompt call sets up its own
+    return answers
+
+
 class DecodeStep:
     """One token in, next-token logits out, writing its keys and values to the model's KV cache."""
 

@@ -98,7 +98,9 @@ class CausalSelfAttention(nn.Module):
         # LLaMA-Adapter's learned prompt (lorafit/adapter.py), set by apply_adapter; None in the plain model.
         self.adapter: nn.Module | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -106,17 +108,27 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(start, k, v)
-        y = self.attend(q, k, v, start)
+        y = self.attend(q, k, v, start, key_mask)
         if self.adapter is not None:
             # LLaMA-Adapter: a zero-gated attention over learned prompt tokens, added to the sequence's.
             y = y + self.adapter(q, self.k_proj, self.v_proj)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-        """Causal attention of T new queries (at positions start..) over all keys so far."""
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Causal attention of T new queries (at positions start..) over all keys so far.
+
+        key_mask (B, S), False at left padding, lets prompts of different lengths share a batch.
+        """
         T, S = q.size(2), k.size(2)
         mask, is_causal = None, False
-        if T > 1 and start == 0:
+        if key_mask is not None:
+            q_pos = torch.arange(start, start + T, device=q.device)[:, None]
+            k_pos = torch.arange(S, device=q.device)[None, :]
+            # A padding query may see itself: a row with every key masked would give NaN.
+            mask = ((k_pos <= q_pos) & key_mask[:, None, None, :S]) | (k_pos == q_pos)
+        elif T > 1 and start == 0:
             is_causal = True
         elif T > 1:
             # A prefill that continues a cached sequence: query i sees keys 0..start+i.
@@ -151,8 +163,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, key_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -184,21 +198,24 @@ class LLaMA(nn.Module):
         cos, sin = self._rope
         return cos[start : start + length], sin[start : start + length]
 
-    def hidden_states(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Final-normed hidden states (B, T, n_embd) for tokens idx at positions start..."""
+    def hidden_states(self, idx: torch.Tensor, start: int = 0, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states (B, T, n_embd) for tokens idx at positions start..
+
+        key_mask (B, start + T), False at padding, hides left-padded positions from attention.
+        """
         x = self.embed_tokens(idx)
         cos, sin = self.rope(start, idx.size(1), idx.device)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for block in self.layers:
             if self.activation_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, start, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, start, key_mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin, start)
+                x = block(x, cos, sin, start, key_mask)
         return self.norm(x)
 
-    def forward(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, start: int = 0, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids idx (B, T) at positions start.. (start > 0 needs a KV cache)."""
-        return self.lm_head(self.hidden_states(idx, start))
+        return self.lm_head(self.hidden_states(idx, start, key_mask))
 
     def setup_kv_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None) -> None:
         """Give every layer a preallocated KV cache for max_length positions."""

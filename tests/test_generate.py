@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lorafit.config import Config
-from lorafit.generate import GenerationStats, TextStreamer, generate, sample_next, top_p_filter
+from lorafit.generate import GenerationStats, TextStreamer, generate, generate_batch, sample_next, top_p_filter
 from lorafit.model import LLaMA
 from tests.conftest import shared_file
 
@@ -186,3 +186,21 @@ def test_default_model_knows_the_capital_of_france(default_checkpoint):
     answer = llm.generate("What is the capital of France?", chat=True, max_new_tokens=32)
     assert "Paris" in answer
     assert llm.last_stats.new_tokens > 0
+
+
+def test_batched_generation_equals_one_prompt_at_a_time():
+    _, model = make_pair()
+    prompts = [PROMPT, PROMPT[:3], [9, 1, 4, 4, 60, 2, 7, 7, 30, 11, 12], [42]]
+    one_by_one = [list(generate(model, p, max_new_tokens=12, stop_ids={3})) for p in prompts]
+    assert generate_batch(model, prompts, max_new_tokens=12, stop_ids={3}) == one_by_one
+    assert model.kv_cache_length == 0  # the batch-sized cache is not left behind
+
+
+def test_left_padding_is_invisible_to_the_real_tokens():
+    _, model = make_pair()
+    seq = torch.tensor([PROMPT])
+    padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), seq], dim=1)
+    key_mask = torch.cat([torch.zeros(1, 5, dtype=torch.bool), torch.ones(1, len(PROMPT), dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        expected, got = model(seq), model(padded, 0, key_mask)[:, 5:]
+    assert (expected - got).abs().max().item() <= 1e-5
