@@ -253,7 +253,7 @@ def evaluate(
         # Spread the evaluated batches over all lengths rather than taking only the shortest.
         stride = max(1, len(batches) // cfg.eval_batches)
         batches = batches[::stride][: cfg.eval_batches]
-    was_training = loss_module.training
+    was_training = model.training  # the wrapper made here is always in training mode
     loss_module.eval()
     total, count = 0.0, 0
     with torch.no_grad(), autocast(cfg.precision, device):

@@ -18,6 +18,7 @@ from lorafit.lora import LoRAConfig, apply_lora
 from lorafit.model import LLaMA
 from lorafit.train import (
     TrainConfig,
+    evaluate,
     latest_checkpoint,
     learning_rate_at,
     load_checkpoint,
@@ -417,3 +418,11 @@ def test_finetune_lora_end_to_end_and_auto_resume(tmp_path, tiny_checkpoint, cap
     assert [(r["step"], r["train_loss"], r.get("val_loss")) for r in second] == [
         (r["step"], r["train_loss"], r.get("val_loss")) for r in first
     ]
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_evaluate_leaves_the_model_in_the_mode_it_found_it(training):
+    model = tiny_model("lora")
+    model.train(training)
+    evaluate(model, tiny_dataset(6), small_config(), pad_id=0, device=torch.device("cpu"))
+    assert model.training is training
