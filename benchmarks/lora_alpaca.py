@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import subprocess
 import sys
 import tempfile
@@ -36,8 +35,9 @@ import time
 from pathlib import Path
 
 import torch
+from peft_side import hf_batch, peak_rss_bytes, peft_model, supervised
 
-from lorafit.data import BatchPlan, TokenDataset, collate, load_prepared, prepare_source
+from lorafit.data import BatchPlan, TokenDataset, load_prepared, prepare_source
 from lorafit.hub import resolve_checkpoint
 from lorafit.lora import LoRAConfig
 from lorafit.tokenizer import Tokenizer
@@ -81,10 +81,6 @@ def seed_lora_a(model: torch.nn.Module, seed: int) -> None:
                 weight.copy_(torch.empty_like(weight).uniform_(-bound, bound, generator=generator))
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
 def run_lorafit(args: argparse.Namespace, train_set: TokenDataset, val_set: TokenDataset) -> dict:
     """Train with lorafit's own loop; validation with lorafit's evaluate."""
     from lorafit.checkpoint import load_model
@@ -111,18 +107,6 @@ def run_lorafit(args: argparse.Namespace, train_set: TokenDataset, val_set: Toke
     }
 
 
-def hf_batch(dataset: TokenDataset, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """lorafit's right-padded samples plus the attention mask transformers needs."""
-    input_ids, labels = collate([dataset[i] for i in indices], pad_id)
-    lengths = torch.tensor([dataset.lengths[i] for i in indices])
-    mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
-
-
-def supervised(labels: torch.Tensor) -> int:
-    return int((labels[:, 1:] != -100).sum())
-
-
 @torch.no_grad()
 def peft_val_loss(model: torch.nn.Module, val_set: TokenDataset, pad_id: int) -> float:
     """Mean per-token loss over length-sorted micro-batches of 4 (as lorafit's evaluate with eval_batches=0)."""
@@ -140,23 +124,8 @@ def peft_val_loss(model: torch.nn.Module, val_set: TokenDataset, pad_id: int) ->
 
 def run_peft(args: argparse.Namespace, train_set: TokenDataset, val_set: TokenDataset) -> dict:
     """Train the PEFT model in a plain loop over lorafit's batches, in lorafit's order."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     cfg = train_config(args)
-    base = AutoModelForCausalLM.from_pretrained(
-        resolve_checkpoint(args.checkpoint), dtype=torch.float32, attn_implementation="sdpa"
-    )
-    model = get_peft_model(
-        base,
-        LoraConfig(
-            r=LORA.r,
-            lora_alpha=LORA.alpha,
-            lora_dropout=LORA.dropout,
-            target_modules=["q_proj", "v_proj"],
-            task_type="CAUSAL_LM",
-        ),
-    )
+    model = peft_model(resolve_checkpoint(args.checkpoint), LORA)
     seed_lora_a(model, cfg.seed)
     val_loss_0 = peft_val_loss(model, val_set, args.pad_id)
     params = [p for p in model.parameters() if p.requires_grad]

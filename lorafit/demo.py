@@ -27,7 +27,7 @@ from lorafit.train import TrainConfig
 class DemoConfig:
     """Sizes and recipe of the demo; `quick()` is a smaller run for a first look."""
 
-    n_train: int = 160
+    n_train: int = 320
     n_val: int = 16
     n_test: int = 40
     seed: int = 0

@@ -1,0 +1,326 @@
+"""LoRA training speed and memory on CPU: lorafit against HF PEFT + transformers, each in its usual practice.
+
+Same model (lorafit's default checkpoint, SmolLM2-135M-Instruct, float32), same data, same recipe; what differs
+is how each framework feeds it, as its users would:
+
+- data: the first 256 Alpaca records with a non-empty output (shared/data/alpaca_3k.json, file order), tokenised
+  once by lorafit (`encode_record`: chat template, prompt masked, max length 256), so both see identical token
+  ids and labels;
+- recipe: LoRA on q,v with r=8, alpha 16, dropout 0.05; AdamW lr 3e-4 (weight decay 0) with lorafit's schedule
+  (linear warm-up over a tenth of the steps, then cosine; PEFT gets it as a LambdaLR); gradient clipping at 1;
+  micro-batch 4 = global batch (no accumulation); one epoch = 64 optimizer steps;
+- lorafit: `lorafit.train.train` (its BatchPlan length-grouped batches; LM head only where labels exist);
+- PEFT: `get_peft_model` on transformers' LlamaForCausalLM (SDPA attention, no KV cache) in a plain PyTorch
+  loop: records in file order, each batch padded to its longest sample (dynamic padding, as a DataCollator
+  does) with an attention mask, HF's loss = mean over the labelled tokens.
+
+Runs alternate (lorafit, PEFT, lorafit, PEFT, ...), each in its own subprocess; per framework we print the median
+over --repeats of: wall time of the epoch, real (non-padding) tokens/s, padding share of the tokens fed, peak
+RSS (ru_maxrss of that process, model loading included) and the final loss (mean train loss of the last 8
+steps; the two see their batches in different orders, so expect close, not equal, values); and lorafit / PEFT.
+
+--scaling measures lorafit alone on synthetic sequences of exactly max length (second half labelled) for every
+max length x micro-batch cell, each cell in its own subprocess: tokens/s over --steps timed steps after one
+warm-up step, and peak RSS.
+
+    python benchmarks/train_cpu.py --json train_cpu.json              # 2 repeats: ~15 min on 2 quiet cores
+    python benchmarks/train_cpu.py --records 8 --repeats 1            # smoke test, under a minute
+    python benchmarks/train_cpu.py --scaling --json train_cpu_scaling.json                 # 12 cells, ~10 min
+    python benchmarks/train_cpu.py --scaling --lengths 128,256 --batches 1,4 --steps 1     # smoke test, ~1 min
+
+The estimates assume ~200 tokens/s for lorafit on 2 quiet cores (one busy core measured ~120 at max length 256,
+micro-batch 4). The scaling grid feeds 4 x 24,960 tokens plus a model load per cell; its largest cell (1024 x 8)
+needs roughly 17 GiB of RSS (about 2 MiB per token in flight): trim it with --lengths / --batches on a smaller
+machine (a cell that fails is reported as failed and the grid goes on).
+
+litgpt is not a third column: `pip install litgpt` (0.5.13) pins huggingface_hub<1.4, while transformers 5
+needs >=1.31, so it cannot share this environment; the script says so when litgpt is not importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from peft_side import hf_batch, peak_rss_bytes, peft_model
+
+from lorafit.data import IGNORE_INDEX, BatchPlan, TokenDataset, default_style, encode_record, load_records
+from lorafit.hub import resolve_checkpoint
+from lorafit.lora import LoRAConfig
+from lorafit.tokenizer import Tokenizer
+from lorafit.train import TrainConfig, learning_rate_at
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_3k.json"
+FRAMEWORKS = ("lorafit", "peft")
+LORA = LoRAConfig(r=8, alpha=16, dropout=0.05, targets=("q", "v"))
+MAX_LENGTH = 256
+MICRO_BATCH = 4
+LAST_STEPS = 8  # the final loss averages this many last steps
+SEED = 42
+LITGPT_MISSING = (
+    "litgpt: not installed (`pip install litgpt` 0.5.13 pins huggingface_hub<1.4, transformers 5 needs >=1.31)"
+)
+
+
+def train_config(steps: int, micro_batch: int = MICRO_BATCH, max_length: int = MAX_LENGTH) -> TrainConfig:
+    """The recipe: one optimizer step per micro-batch, lorafit's warm-up + cosine schedule, no evaluation."""
+    return TrainConfig(
+        max_steps=steps,
+        micro_batch_size=micro_batch,
+        global_batch_size=micro_batch,
+        learning_rate=3e-4,
+        weight_decay=0.0,
+        warmup_steps=max(1, steps // 10),
+        grad_clip=1.0,
+        max_seq_length=max_length,
+        eval_interval=0,
+        eval_batches=0,
+        save_interval=0,
+        precision="32-true",
+        seed=SEED,
+    )
+
+
+def alpaca_dataset(path: Path, n_records: int, tokenizer: Tokenizer) -> TokenDataset:
+    """The first n records with a non-empty output, in file order, tokenised as lorafit's prepare does."""
+    records = load_records(path).records[:n_records]  # load_records drops the empty ones
+    style = default_style(tokenizer)
+    samples = [encode_record(r, tokenizer, style, MAX_LENGTH, mask_prompt=True)[:2] for r in records]
+    return TokenDataset.from_samples(samples)
+
+
+def synthetic_dataset(vocab_size: int, length: int, n_samples: int) -> TokenDataset:
+    """Random sequences of exactly `length` tokens, the second half labelled (like a masked prompt + answer)."""
+    generator = torch.Generator().manual_seed(SEED)
+    samples = []
+    for _ in range(n_samples):
+        ids = torch.randint(vocab_size, (length,), generator=generator).tolist()
+        samples.append((ids, [IGNORE_INDEX] * (length // 2) + ids[length // 2 :]))
+    return TokenDataset.from_samples(samples)
+
+
+def padding_share(dataset: TokenDataset, batches: list[list[int]]) -> tuple[int, float]:
+    """(real tokens, share of the fed tokens that are padding) when each batch is padded to its longest sample."""
+    real = sum(dataset.lengths[i] for batch in batches for i in batch)
+    fed = sum(max(dataset.lengths[i] for i in batch) * len(batch) for batch in batches)
+    return real, 1 - real / fed
+
+
+def file_order_batches(n: int, micro_batch: int) -> list[list[int]]:
+    return [list(range(start, min(start + micro_batch, n))) for start in range(0, n, micro_batch)]
+
+
+def metrics_records(run_dir: Path) -> list[dict]:
+    """The per-step records lorafit.train.train wrote to run_dir/metrics.jsonl."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_lorafit(dataset: TokenDataset, args: argparse.Namespace, run_dir: Path) -> dict:
+    """One epoch of lorafit's own loop on its length-grouped batches."""
+    from lorafit.checkpoint import load_model
+    from lorafit.lora import apply_lora
+    from lorafit.train import train
+
+    batches = BatchPlan(dataset.lengths, MICRO_BATCH, SEED).batches(0)
+    model = load_model(resolve_checkpoint(args.checkpoint))
+    apply_lora(model, LORA)
+    result = train(model, dataset, None, train_config(len(batches)), run_dir, args.pad_id, progress=False)
+    real, padding = padding_share(dataset, batches)
+    losses = [r["train_loss"] for r in metrics_records(run_dir)]
+    return {"seconds": result.seconds, "real_tokens": real, "padding_share": padding, "losses": losses}
+
+
+def run_peft(dataset: TokenDataset, args: argparse.Namespace) -> dict:
+    """One epoch of a plain PyTorch loop over the PEFT model, records in file order, dynamic padding."""
+    batches = file_order_batches(len(dataset), MICRO_BATCH)
+    cfg = train_config(len(batches))
+    model = peft_model(resolve_checkpoint(args.checkpoint), LORA)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_at(step, len(batches), cfg) / cfg.learning_rate
+    )
+    model.train()
+    losses, started = [], time.perf_counter()
+    for indices in batches:
+        loss = model(**hf_batch(dataset, indices, args.pad_id)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    seconds = time.perf_counter() - started
+    real, padding = padding_share(dataset, batches)
+    return {"seconds": seconds, "real_tokens": real, "padding_share": padding, "losses": losses}
+
+
+def run_scaling_cell(args: argparse.Namespace, run_dir: Path) -> dict:
+    """lorafit on full-length synthetic batches: tokens/s over the timed steps that follow one warm-up step."""
+    from lorafit.checkpoint import load_model
+    from lorafit.lora import apply_lora
+    from lorafit.train import train
+
+    model = load_model(resolve_checkpoint(args.checkpoint))
+    apply_lora(model, LORA)
+    total_steps = 1 + args.steps
+    dataset = synthetic_dataset(model.config.vocab_size, args.length, args.batch * total_steps)
+    train(model, dataset, None, train_config(total_steps, args.batch, args.length), run_dir, 0, progress=False)
+    elapsed = [r["elapsed_s"] for r in metrics_records(run_dir)]  # after each step, from the loop's start
+    seconds = elapsed[-1] - elapsed[0]
+    return {"seconds": seconds, "tokens_per_s": args.steps * args.batch * args.length / seconds}
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One run in this process; its result goes to args.result as JSON."""
+    torch.manual_seed(SEED)  # LoRA init and dropout masks: repeats of a run are the same computation
+    with tempfile.TemporaryDirectory(prefix="train_cpu-run-") as tmp:
+        if args.worker == "scale":
+            result = run_scaling_cell(args, Path(tmp))
+        else:
+            dataset = TokenDataset.load(args.data_file)
+            result = run_lorafit(dataset, args, Path(tmp)) if args.worker == "lorafit" else run_peft(dataset, args)
+            result["tokens_per_s"] = result["real_tokens"] / result["seconds"]
+            result["final_loss"] = statistics.mean(result["losses"][-LAST_STEPS:])
+    result["peak_rss_mib"] = peak_rss_bytes() / 2**20
+    Path(args.result).write_text(json.dumps(result))
+
+
+def run_worker(args: argparse.Namespace, out: Path, options: list[str]) -> dict | None:
+    """Run `options` in a fresh interpreter; its result, or None when it failed."""
+    command = [sys.executable, __file__, "--result", str(out), *options]
+    if args.checkpoint:
+        command += ["--checkpoint", str(args.checkpoint)]
+    if subprocess.run(command).returncode:
+        return None
+    return json.loads(out.read_text())
+
+
+COMPARED = (
+    ("epoch wall time (s)", "seconds", "{:.1f}"),
+    ("real tokens/s", "tokens_per_s", "{:.0f}"),
+    ("padding share of fed tokens", "padding_share", "{:.1%}"),
+    ("peak RSS (MiB)", "peak_rss_mib", "{:.0f}"),
+    (f"final loss (mean of last {LAST_STEPS} steps)", "final_loss", "{:.4f}"),
+)
+
+
+def compare_table(medians: dict[str, dict]) -> str:
+    """lorafit and PEFT side by side, with lorafit / PEFT."""
+    lines = ["| median | lorafit | PEFT | lorafit / PEFT |", "|---|---:|---:|---:|"]
+    for label, key, fmt in COMPARED:
+        ours, theirs = medians["lorafit"][key], medians["peft"][key]
+        ratio = f"{ours / theirs:.3f}" if theirs else "n/a"
+        lines.append(f"| {label} | {fmt.format(ours)} | {fmt.format(theirs)} | {ratio} |")
+    return "\n".join(lines)
+
+
+def compare(args: argparse.Namespace) -> dict:
+    """Alternate lorafit and PEFT runs on the same tokenised records; print and return the medians."""
+    tokenizer = Tokenizer.from_checkpoint(resolve_checkpoint(args.checkpoint))
+    dataset = alpaca_dataset(args.data, args.records, tokenizer)
+    steps = len(file_order_batches(len(dataset), MICRO_BATCH))
+    print(
+        f"data: {len(dataset)} records, {dataset.num_tokens()} tokens (max length {MAX_LENGTH}); one epoch = "
+        f"{steps} steps of {MICRO_BATCH}; {args.repeats} repeat(s)",
+        flush=True,
+    )
+    runs: dict[str, list[dict]] = {name: [] for name in FRAMEWORKS}
+    with tempfile.TemporaryDirectory(prefix="train_cpu-") as tmp:
+        data_file = Path(tmp) / "train.safetensors"
+        dataset.save(data_file)
+        for repeat in range(args.repeats):
+            for name in FRAMEWORKS:
+                options = ["--worker", name, "--data-file", str(data_file), "--pad-id", str(tokenizer.eos_id)]
+                result = run_worker(args, Path(tmp) / f"{name}-{repeat}.json", options)
+                if result is None:
+                    sys.exit(f"{name} run {repeat + 1} failed")
+                runs[name].append(result)
+                print(
+                    f"{name} run {repeat + 1}: {result['seconds']:.1f} s, {result['tokens_per_s']:.0f} tokens/s, "
+                    f"peak RSS {result['peak_rss_mib']:.0f} MiB, final loss {result['final_loss']:.4f}",
+                    flush=True,
+                )
+    medians = {
+        name: {key: statistics.median(r[key] for r in results) for _, key, _ in COMPARED}
+        for name, results in runs.items()
+    }
+    print(compare_table(medians))
+    litgpt = "litgpt: installed but not benchmarked" if importlib.util.find_spec("litgpt") else LITGPT_MISSING
+    print(f"\n{litgpt}")
+    setup = {"records": len(dataset), "steps": steps, "micro_batch": MICRO_BATCH, "repeats": args.repeats}
+    return {"setup": setup, "median": medians, "runs": runs, "litgpt": litgpt}
+
+
+def scaling_table(cells: list[dict], lengths: list[int], batches: list[int]) -> str:
+    """tokens/s and peak RSS per (max length, micro-batch) cell."""
+    found = {(c["max_length"], c["micro_batch"]): c for c in cells}
+    lines = ["| max length | " + " | ".join(f"batch {b}: tokens/s, peak RSS" for b in batches) + " |"]
+    lines.append("|---:|" + "---:|" * len(batches))
+    for length in lengths:
+        row = []
+        for batch in batches:
+            cell = found[length, batch]
+            ok = cell["tokens_per_s"] is not None
+            row.append(f"{cell['tokens_per_s']:.0f} tok/s, {cell['peak_rss_mib']:.0f} MiB" if ok else "failed")
+        lines.append(f"| {length} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def scaling(args: argparse.Namespace) -> dict:
+    """lorafit alone over max length x micro-batch, one subprocess per cell."""
+    cells = []
+    with tempfile.TemporaryDirectory(prefix="train_cpu-scaling-") as tmp:
+        for length in args.lengths:
+            for batch in args.batches:
+                options = ["--worker", "scale", "--length", str(length), "--batch", str(batch)]
+                result = run_worker(args, Path(tmp) / f"{length}x{batch}.json", options + ["--steps", str(args.steps)])
+                cell = {"max_length": length, "micro_batch": batch, "steps": args.steps}
+                cell |= result or {"tokens_per_s": None, "peak_rss_mib": None}
+                cells.append(cell)
+                shown = f"{cell['tokens_per_s']:.0f} tokens/s" if result else "failed"
+                print(f"max length {length}, micro-batch {batch}: {shown}", flush=True)
+    print(scaling_table(cells, args.lengths, args.batches))
+    return {"setup": {"steps": args.steps, "warmup_steps": 1}, "cells": cells}
+
+
+def int_list(text: str) -> list[int]:
+    return [int(part) for part in text.split(",")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=2, help="runs per framework (the median is reported)")
+    parser.add_argument("--records", type=int, default=256, help="Alpaca records to train on (one epoch)")
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--checkpoint", default=None, help="default: lorafit's SmolLM2-135M-Instruct")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--scaling", action="store_true", help="lorafit alone: max length x micro-batch grid")
+    parser.add_argument("--lengths", type=int_list, default=[128, 256, 512, 1024], help="--scaling max lengths")
+    parser.add_argument("--batches", type=int_list, default=[1, 4, 8], help="--scaling micro-batch sizes")
+    parser.add_argument("--steps", type=int, default=3, help="--scaling timed steps per cell (after 1 warm-up)")
+    parser.add_argument("--worker", choices=(*FRAMEWORKS, "scale"), help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--data-file", help=argparse.SUPPRESS)
+    parser.add_argument("--pad-id", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    report = scaling(args) if args.scaling else compare(args)
+    report["torch_threads"] = torch.get_num_threads()
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
