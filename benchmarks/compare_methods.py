@@ -17,7 +17,7 @@ last step (lorafit's evaluate on the same fixed spread of `--eval-batches` lengt
 tokens/s for `--new-tokens` greedy tokens (best of 3, after `lorafit.generate.LLM.load` of the run) and the greedy,
 chat-templated answer to QUESTION.
 
-    python benchmarks/compare_methods.py --json compare_methods.json   # defaults: sized for 12-15 min on 2 CPU cores
+    python benchmarks/compare_methods.py --json compare_methods.json   # defaults: 7.6 min on 2 quiet CPU cores
     python benchmarks/compare_methods.py --steps 1 --global-batch 4 --eval-batches 1 --new-tokens 8   # smoke test
 """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -31,3 +32,29 @@ def default_checkpoint() -> Path:
     from lorafit.hub import DEFAULT_MODEL, download
 
     return download(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A random 2-layer LlamaForCausalLM saved by transformers, with the tinyllamas 512-token tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    from lorafit.tokenizer import Tokenizer
+
+    tokenizer_model = shared_file("models/tok512.model")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    out = tmp_path_factory.mktemp("tiny") / "base"
+    transformers.LlamaForCausalLM(config).save_pretrained(out)
+    Tokenizer.from_checkpoint(tokenizer_model).save(out)
+    return out

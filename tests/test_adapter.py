@@ -25,14 +25,13 @@ from lorafit.adapter import (
 from lorafit.config import Config
 from lorafit.model import LLaMA
 from lorafit.train import train
-from tests.test_train import (  # noqa: F401  (one_thread and tiny_checkpoint are fixtures)
+from tests.test_train import (  # noqa: F401  (one_thread is a fixture)
     PAD,
     VOCAB,
     one_thread,
     read_metrics,
     repetitive_dataset,
     small_config,
-    tiny_checkpoint,
 )
 
 METHODS = ("adapter", "adapter-v2")
@@ -247,7 +246,7 @@ def numbers_data(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("method", METHODS)
 def test_finetune_end_to_end_and_generate_from_the_run(
     tmp_path,
-    tiny_checkpoint,  # noqa: F811  (the fixture imported from test_train)
+    tiny_checkpoint,
     method,
     capsys,
     monkeypatch,
@@ -294,7 +293,7 @@ def test_finetune_end_to_end_and_generate_from_the_run(
     assert list(generate(llm.model, prompt, max_new_tokens=12)) == expected
 
 
-def test_merge_v2_folds_what_a_llama_checkpoint_holds_and_keeps_the_rest(tmp_path, tiny_checkpoint):  # noqa: F811
+def test_merge_v2_folds_what_a_llama_checkpoint_holds_and_keeps_the_rest(tmp_path, tiny_checkpoint):
     from lorafit.checkpoint import load_model
     from lorafit.finetune import merge_adapter
 

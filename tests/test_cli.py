@@ -6,33 +6,9 @@ import pytest
 import torch
 
 from lorafit.cli import main
-from tests.conftest import shared_file
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """A random 2-layer Llama in Hugging Face format with the real 512-piece tinyllamas tokenizer."""
-    from lorafit.tokenizer import Tokenizer
-
-    path = tmp_path_factory.mktemp("tiny")
-    config = transformers.LlamaConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    Tokenizer.from_checkpoint(shared_file("models/tok512.model")).save(path)
-    return path
 
 
 @pytest.fixture(scope="module")

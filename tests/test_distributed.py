@@ -82,34 +82,6 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture
-def tiny_checkpoint(tmp_path) -> Path:
-    """A random 2-layer LlamaForCausalLM saved by transformers, with the tinyllamas 512-token tokenizer."""
-    transformers = pytest.importorskip("transformers")
-    tokenizer_model = SHARED / "models" / "tok512.model"
-    if not tokenizer_model.exists():
-        pytest.skip(f"{tokenizer_model} not present")
-    from lorafit.tokenizer import Tokenizer
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=512,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    out = tmp_path / "base"
-    transformers.LlamaForCausalLM(config).save_pretrained(out)
-    Tokenizer.from_checkpoint(tokenizer_model).save(out)
-    return out
-
-
 # ---- splitting a step --------------------------------------------------------------------------
 
 

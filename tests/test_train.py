@@ -336,34 +336,6 @@ def test_metrics_have_one_record_per_step_and_val_loss_at_eval_steps(tmp_path):
 # ---- finetune() end to end ----------------------------------------------------------------------
 
 
-@pytest.fixture
-def tiny_checkpoint(tmp_path) -> Path:
-    """A random 2-layer LlamaForCausalLM saved by transformers, with the tinyllamas 512-token tokenizer."""
-    transformers = pytest.importorskip("transformers")
-    tokenizer_model = SHARED / "models" / "tok512.model"
-    if not tokenizer_model.exists():
-        pytest.skip(f"{tokenizer_model} not present")
-    from lorafit.tokenizer import Tokenizer
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=512,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    out = tmp_path / "base"
-    transformers.LlamaForCausalLM(config).save_pretrained(out)
-    Tokenizer.from_checkpoint(tokenizer_model).save(out)
-    return out
-
-
 def test_finetune_lora_end_to_end_and_auto_resume(tmp_path, tiny_checkpoint, capsys):
     from lorafit.finetune import DataOptions, finetune, read_run_file
 
