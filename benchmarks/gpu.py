@@ -47,7 +47,7 @@ from torch import nn
 
 from lorafit.config import Config
 from lorafit.data import TokenDataset, collate
-from lorafit.estimate import GIB, estimate_memory
+from lorafit.estimate import GIB, estimate_memory, linear_shapes
 from lorafit.generate import peak_memory_bytes
 from lorafit.lora import TARGETS, LoRAConfig, apply_lora
 from lorafit.model import LLaMA
@@ -122,23 +122,16 @@ def supervised_positions(batch: int, length: int) -> int:
 
 def model_flops_per_step(config: Config, lora: LoRAConfig, batch: int, length: int) -> int:
     """LoRA training FLOPs of one micro-batch, as the module docstring counts them."""
-    d, inter, layers = config.n_embd, config.intermediate_size, config.n_layer
-    q_dim, kv_dim = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
-    shapes = {
-        "q": (d, q_dim),
-        "k": (d, kv_dim),
-        "v": (d, kv_dim),
-        "o": (q_dim, d),
-        "gate": (d, inter),
-        "up": (d, inter),
-        "down": (inter, d),
-    }
+    d, layers = config.n_embd, config.n_layer
+    shapes = linear_shapes(config)
     n_blocks = layers * sum(i * o for i, o in shapes.values())
     tokens = batch * length
     frozen = 4 * n_blocks * tokens  # forward + input gradients
     head = 4 * config.vocab_size * d * supervised_positions(batch, length)
     lora_terms = 6 * lora.r * layers * tokens * sum(sum(shapes[t]) for t in lora.targets if t in shapes)
-    attention = 3 * 2 * batch * length * length * q_dim * layers  # causal: half of 4·B·T²·d forward; backward 2x
+    attention = (
+        3 * 2 * batch * length * length * config.n_head * config.head_dim * layers
+    )  # causal: half of 4·B·T²·d forward; backward 2x
     return frozen + head + lora_terms + attention
 
 

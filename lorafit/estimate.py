@@ -90,7 +90,7 @@ def _dtype_bytes(precision: str) -> tuple[int, int, int]:
     raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
 
 
-def _linear_shapes(config: Config) -> dict[str, tuple[int, int]]:
+def linear_shapes(config: Config) -> dict[str, tuple[int, int]]:
     """(in, out) features of each linear layer in a block, by lorafit.lora target name."""
     d, inter = config.n_embd, config.intermediate_size
     q_dim, kv_dim = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
@@ -118,7 +118,7 @@ def count_parameters(config: Config, method: str, lora: LoRAConfig | None = None
     trainable, largest = prompt + gates, prompt
     if method == "adapter-v2":
         # A bias and a scale on every linear layer's output (the LM head too), and every RMSNorm trains.
-        outs = sum(out for _, out in _linear_shapes(config).values()) * config.n_layer + config.vocab_size
+        outs = sum(out for _, out in linear_shapes(config).values()) * config.n_layer + config.vocab_size
         norms = (2 * config.n_layer + 1) * config.n_embd
         trainable += 2 * outs + norms
     return trainable, base + trainable, largest
@@ -175,7 +175,7 @@ class _Step:
 def _linear(saved: _Saved, step: _Step, layer: str, name: str, x: str, x_bytes: int, x_grad: bool) -> bool:
     """Record what one linear layer saves; return whether its output requires grad."""
     _, lin, _ = _dtype_bytes(step.precision)
-    n_in, n_out = _linear_shapes(step.config)[name]
+    n_in, n_out = linear_shapes(step.config)[name]
     tokens = step.tokens
     key = f"{layer}.{name}"
     mixed = step.precision == "bf16-mixed"
