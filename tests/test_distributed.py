@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -11,75 +10,17 @@ import torch
 from safetensors.torch import load_file
 
 from lorafit import distributed
-from lorafit.config import Config
-from lorafit.data import IGNORE_INDEX, TokenDataset
-from lorafit.lora import LoRAConfig, apply_lora
 from lorafit.model import LLaMA
 from lorafit.train import TrainConfig, latest_checkpoint, train
+from tests import test_train as train_helpers
+from tests.test_train import PAD, one_thread, read_metrics, small_config, tiny_dataset  # noqa: F401  (a fixture)
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-VOCAB = 64
-PAD, BOS, EOS = 0, 1, 2
 TIMEOUT_S = 240  # a hung collective fails the test instead of the whole run
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(method: str) -> LLaMA:
-    """A random 2-layer LLaMA with grouped-query attention; LoRA without dropout (masks are drawn per rank)."""
-    torch.manual_seed(0)
-    config = Config(
-        name="tiny",
-        vocab_size=VOCAB,
-        n_layer=2,
-        n_embd=32,
-        n_head=4,
-        n_kv_head=2,
-        intermediate_size=64,
-        block_size=128,
-        tie_embeddings=method == "full",
-    )
-    model = LLaMA(config)
-    if method == "lora":
-        apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, targets="all"))
-    return model
-
-
-def tiny_dataset(n: int, seed: int = 0) -> TokenDataset:
-    """Samples "BOS prompt answer EOS" of varied lengths, prompts masked."""
-    rng = random.Random(seed)
-    samples = []
-    for _ in range(n):
-        prompt = [BOS] + [rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 8))]
-        answer = [3 + (prompt[-1] + i - 2) % (VOCAB - 3) for i in range(rng.randint(1, 10))] + [EOS]
-        samples.append((prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))
-    return TokenDataset.from_samples(samples)
-
-
-def small_config(**overrides) -> TrainConfig:
-    base = dict(
-        max_steps=4,
-        micro_batch_size=2,
-        global_batch_size=4,
-        learning_rate=1e-2,
-        warmup_steps=0,
-        eval_interval=0,
-        eval_batches=0,
-        save_interval=0,
-        precision="32-true",
-        seed=0,
-    )
-    return TrainConfig(**{**base, **overrides})
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """test_train's tiny model, with LoRA dropout off: masks are drawn per rank, so 1 and 2 processes would differ."""
+    return train_helpers.tiny_model(method, tie=method == "full", lora_dropout=0.0)
 
 
 # ---- splitting a step --------------------------------------------------------------------------
