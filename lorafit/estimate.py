@@ -8,8 +8,11 @@ several ops is counted once. What is modelled:
 - Attention through a fused SDPA kernel (flash / memory-efficient on CUDA, the flash kernel on CPU):
   it saves q, k, v (k and v at the key/value heads), its output and a float32 logsumexp, never the
   T x T probabilities. The unfused math path would add B * heads * T * T per layer; we do not model it.
-- The device changes two things: dropout keeps a bool mask on CUDA but a mask in the input's dtype on
-  the CPU, and AdamW is fused on CUDA (no scratch) but steps one tensor at a time on the CPU.
+- lorafit's own autograd functions (lorafit/ops.py, LoRALinear) save less than plain autograd: SwiGLU
+  keeps gate and up, RMSNorm its input and 1/rms, LoRA the shared norm output and a bool dropout mask.
+- The LM head and cross-entropy run in chunks recomputed in backward: only the hidden rows are kept,
+  and one chunk's logits and their gradients are the workspace.
+- The device changes one thing: AdamW is fused on CUDA (no scratch) but steps one tensor at a time on the CPU.
 - The peak is the larger of two moments of a steady-state step (optimizer state already exists):
   the start of backward, when every saved activation is alive plus the loss head's gradient
   buffers, and the end of backward / optimizer step, when every gradient is alive. Between the two,
@@ -26,6 +29,7 @@ import torch
 
 from lorafit.config import Config
 from lorafit.lora import LoRAConfig
+from lorafit.train import LOSS_CHUNK
 
 METHODS = ("lora", "adapter", "adapter-v2", "full")
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
@@ -186,15 +190,10 @@ def _linear(saved: _Saved, step: _Step, layer: str, name: str, x: str, x_bytes: 
         # The weight's gradient needs the input; under autocast each linear saves its own bf16 cast of it.
         saved.add(f"{key}.x_bf16" if mixed and x_bytes == 4 else x, tokens * n_in * (2 if mixed else x_bytes))
     if step.method == "lora" and name in step.lora.targets:
+        # The layer's input (shared by the projections that read it) and a bool dropout mask; see LoRALinear.
+        saved.add(x, tokens * n_in * x_bytes)
         if step.lora.dropout > 0:
-            if x_grad:
-                # CUDA's fused dropout keeps a bool mask; the CPU path multiplies by a mask of the input's dtype.
-                saved.add(f"{key}.dropout_mask", tokens * n_in * (1 if step.device == "cuda" else x_bytes))
-            saved.add(f"{key}.lora_in", tokens * n_in * lin)  # dropout's output (its bf16 cast under autocast)
-        elif mixed:
-            saved.add(f"{key}.lora_in", tokens * n_in * 2)
-        else:
-            saved.add(x, tokens * n_in * x_bytes)
+            saved.add(f"{key}.dropout_mask", tokens * n_in)
         saved.add(f"{key}.lora_a_out", tokens * step.lora.r * lin)
     if step.method == "adapter-v2":
         # scale * (W x + bias): the scale's gradient needs the biased output.
@@ -204,16 +203,13 @@ def _linear(saved: _Saved, step: _Step, layer: str, name: str, x: str, x_bytes: 
 
 
 def _rms_norm(saved: _Saved, step: _Step, key: str, x_grad: bool) -> bool:
-    """Record what an RMSNorm saves (its float32 input and 1/rms; the normed value if its weight trains)."""
+    """Record what an RMSNorm saves: its input (the residual stream) and a float32 1/rms, if anything needs grad."""
     _, _, res = _dtype_bytes(step.precision)
     d, tokens = step.config.n_embd, step.tokens
-    if x_grad:
-        # F.rms_norm saves its float32 input: the residual itself in float32, a float32 copy under bf16-true.
-        saved.add(f"{key}.input_f32", tokens * d * 4)
-        saved.add(f"{key}.rstd", tokens * 4)
     weight_trains = step.method in ("full", "adapter-v2")
-    if weight_trains:
-        saved.add(f"{key}.normed", tokens * d * res)
+    if x_grad or weight_trains:
+        saved.add(f"{key}.input", tokens * d * res)
+        saved.add(f"{key}.rstd", tokens * 4)
     return x_grad or weight_trains
 
 
@@ -251,12 +247,9 @@ def _block(saved: _Saved, step: _Step, i: int, x_grad: bool) -> bool:
     h2_grad = _rms_norm(saved, step, f"{layer}.post_attention_layernorm", x_grad)
     gate_grad = _linear(saved, step, layer, "gate", h2, res, h2_grad)
     up_grad = _linear(saved, step, layer, "up", h2, res, h2_grad)
-    # silu saves its input; silu(g) * u saves each factor for the other's gradient.
-    if gate_grad:
+    # swiglu (lorafit/ops.py) keeps gate and up and recomputes silu(gate) in backward.
+    if gate_grad or up_grad:
         saved.add(f"{layer}.gate_out", tokens * config.intermediate_size * lin)
-    if up_grad:
-        saved.add(f"{layer}.silu_out", tokens * config.intermediate_size * lin)
-    if gate_grad:
         saved.add(f"{layer}.up_out", tokens * config.intermediate_size * lin)
     down_grad = _linear(saved, step, layer, "down", f"{layer}.mlp_product", lin, gate_grad or up_grad)
     return x_grad or down_grad
@@ -275,15 +268,8 @@ def _loss_head(saved: _Saved, step: _Step, hidden_grad: bool) -> int:
         saved.add("head.keep_index", rows * 8)
     if step.precision == "bf16-mixed" and hidden_grad:
         saved.add("head.weight_bf16", v * d * 2)
-    if step.method == "full":
-        saved.add("head.hidden_rows", rows * d * (2 if step.precision == "bf16-mixed" else res))
-    if step.method == "adapter-v2":
-        saved.add("head.biased_out", rows * v * lin)
-    if step.method == "lora" and "lm_head" in step.lora.targets:
-        saved.add("head.lora_in", rows * d * lin)
-        saved.add("head.lora_a_out", rows * step.lora.r * lin)
-    # cross_entropy = log_softmax (saves its float32 output) + nll_loss (saves the targets).
-    saved.add("head.log_probs", rows * v * 4)
+    # Each chunk of the head and cross-entropy is recomputed in backward from its hidden rows and targets.
+    saved.add("head.hidden_rows", rows * d * res)
     saved.add("head.targets", rows * 8)
     return rows
 
@@ -341,11 +327,11 @@ def estimate_memory(
     _rms_norm(saved, step, "norm", x_grad)
     rows = _loss_head(saved, step, x_grad)
 
-    # Workspace at the start of backward: cross-entropy's gradient and log_softmax's input gradient, both
-    # float32 beside the saved log-probabilities; then the LM head's weight gradient if it trains; and the
-    # top block's backward (three intermediate-sized gradients plus the residual's).
+    # Workspace at the start of backward: one recomputed chunk's logits, log-probabilities and their two
+    # gradients (float32); then the LM head's weight gradient if it trains; and the top block's backward
+    # (three intermediate-sized gradients plus the residual's).
     head_grad = config.vocab_size * d * param_bytes if method == "full" else 0
-    loss_phase = 8 * rows * config.vocab_size
+    loss_phase = 16 * min(rows, LOSS_CHUNK) * config.vocab_size
     head_phase = head_grad + rows * d * lin
     layer_phase = head_grad + 3 * tokens * config.intermediate_size * lin + tokens * d * 4
     if activation_checkpointing:

@@ -76,6 +76,41 @@ class LoRAConfig:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
 
+class _LoRAUpdate(torch.autograd.Function):
+    """scaling · B A dropout(x), saving x, a boolean dropout mask and A x for backward.
+
+    Autograd would keep the float dropout output per adapted layer; x is the norm output that q, k and v
+    share, so saving it instead costs nothing extra when several projections are adapted. The mask is drawn
+    exactly as F.dropout draws it, so a seeded run is the same as with nn.Dropout.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, p: float) -> torch.Tensor:
+        mask = torch.empty_like(x).bernoulli_(1 - p) if p > 0 else None
+        h = x * mask / (1 - p) if p > 0 else x
+        a = F.linear(h, A)
+        ctx.save_for_backward(x, None if mask is None else mask.bool(), a, A, B)
+        ctx.scaling, ctx.p = scaling, p
+        return F.linear(a, B) * scaling
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, mask, a, A, B = ctx.saved_tensors
+        grad = grad * ctx.scaling
+        grad_a = grad @ B
+        grad_x = grad_A = grad_B = None
+        if ctx.needs_input_grad[2]:
+            grad_B = grad.reshape(-1, grad.size(-1)).t() @ a.reshape(-1, a.size(-1))
+        if ctx.needs_input_grad[1]:
+            h = x * mask / (1 - ctx.p) if mask is not None else x
+            grad_A = grad_a.reshape(-1, grad_a.size(-1)).t() @ h.reshape(-1, h.size(-1))
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_a @ A
+            if mask is not None:
+                grad_x = grad_x * mask / (1 - ctx.p)
+        return grad_x, grad_A, grad_B, None, None
+
+
 class LoRALinear(nn.Linear):
     """A frozen nn.Linear plus a trainable low-rank update; the base weight keeps its name `weight`."""
 
@@ -153,8 +188,10 @@ class LoRALinear(nn.Linear):
         if self.merged:
             return out
         # The LoRA weights may be kept in a wider dtype than the frozen base (e.g. float32 beside bfloat16).
-        h = self.lora_dropout(x.to(self.lora_A.weight.dtype))
-        return out + (self.lora_B(self.lora_A(h)) * self.scaling).to(out.dtype)
+        h = x.to(self.lora_A.weight.dtype)
+        p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) and self.training else 0.0
+        delta = _LoRAUpdate.apply(h, self.lora_A.weight, self.lora_B.weight, self.scaling, p)
+        return out + delta.to(out.dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, scaling={self.scaling:g}, merged={self.merged}"

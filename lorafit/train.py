@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from lorafit import distributed
@@ -90,18 +91,34 @@ def learning_rate_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
     return floor + (cfg.learning_rate - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+LOSS_CHUNK = 128
+"""Positions per LM-head + cross-entropy chunk: its float32 logits are the largest tensor of a small model's step."""
+
+
+def _head_loss_sum(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
+
+
 def supervised_loss_sum(model: LLaMA, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy over supervised positions only.
 
     The LM head runs only where a label exists: with prompts masked and short answers that is a
     fraction of the positions, and for a small model the vocabulary projection is a large share of
-    all the work.
+    all the work. It runs in chunks of LOSS_CHUNK positions, each recomputed in backward, so no
+    full (positions x vocabulary) logits tensor ever exists: one chunk's at a time.
     """
     hidden = model.hidden_states(input_ids)[:, :-1]
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    logits = model.lm_head(hidden[keep])
-    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    hidden, targets = hidden[keep], targets[keep]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(targets), LOSS_CHUNK):
+        chunk = (model.lm_head, hidden[start : start + LOSS_CHUNK], targets[start : start + LOSS_CHUNK])
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_head_loss_sum, *chunk, use_reentrant=False)
+        else:
+            total = total + _head_loss_sum(*chunk)
+    return total
 
 
 class SupervisedLoss(nn.Module):

@@ -1,0 +1,122 @@
+"""The memory-lean autograd functions give plain autograd's values and gradients, and save less."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorafit import ops
+from lorafit.lora import LoRALinear
+
+
+def saved_bytes(fn, *inputs: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd saves while fn(*inputs) runs, leaving out the inputs' own."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*inputs)
+    own = {t.untyped_storage().data_ptr() for t in inputs}
+    return sum(n for ptr, n in storages.items() if ptr not in own)
+
+
+def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def reference_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def grads_of(fn, *inputs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """fn's output and the gradients of <output, fixed random weights> with respect to each input."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*leaves)
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    (out * probe).sum().backward()
+    return out.detach(), [leaf.grad for leaf in leaves]
+
+
+def test_rms_norm_matches_autograd_in_value_and_gradients():
+    torch.manual_seed(0)
+    x, weight = torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    out, grads = grads_of(lambda a, w: ops.rms_norm(a, w, 1e-5), x, weight)
+    ref_out, ref_grads = grads_of(lambda a, w: reference_rms_norm(a, w, 1e-5), x, weight)
+    # Both normalise in float32 (as Llama does), whatever the input's dtype.
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_swiglu_matches_autograd_in_value_and_gradients():
+    torch.manual_seed(0)
+    gate, up = torch.randn(3, 4, 10, dtype=torch.float64), torch.randn(3, 4, 10, dtype=torch.float64)
+    out, grads = grads_of(ops.swiglu, gate, up)
+    ref_out, ref_grads = grads_of(reference_swiglu, gate, up)
+    torch.testing.assert_close(out, ref_out)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_the_functions_save_only_what_backward_needs():
+    torch.manual_seed(0)
+    x = torch.randn(4, 32, 64, requires_grad=True)
+    one_activation = x.numel() * 4
+    # A training norm weight: plain autograd also keeps the normed value; the function keeps x (an input),
+    # 1/rms and the weight.
+    weight = torch.randn(64, requires_grad=True)
+    ours = saved_bytes(lambda a: ops.rms_norm(a, weight, 1e-5), x)
+    assert ours == 4 * 32 * 4 + 64 * 4
+    assert saved_bytes(lambda a: reference_rms_norm(a, weight, 1e-5), x) == ours + one_activation
+    # silu(gate) * up: plain autograd also keeps silu(gate).
+    gate, up = torch.randn(4, 32, 64, requires_grad=True), torch.randn(4, 32, 64, requires_grad=True)
+    assert saved_bytes(reference_swiglu, gate, up) == one_activation
+    assert saved_bytes(ops.swiglu, gate, up) == 0
+
+
+def test_lora_keeps_a_bool_mask_instead_of_the_dropout_output():
+    torch.manual_seed(0)
+    x = torch.randn(4, 32, 64, requires_grad=True)
+    layer = LoRALinear(64, 64, r=8, scaling=2.0, dropout=0.1)
+    layer.weight.requires_grad_(False)
+    plain_dropout = torch.nn.Dropout(0.1)
+    plain = saved_bytes(lambda a: F.linear(a, layer.weight) + layer.lora_B(layer.lora_A(plain_dropout(a))) * 2.0, x)
+    # Plain: a float mask and the dropped-out input, where LoRALinear keeps x (an input) and a bool mask.
+    assert plain - saved_bytes(layer, x) == 2 * x.numel() * 4 - x.numel()
+
+
+def test_inference_paths_give_the_training_paths_values():
+    torch.manual_seed(0)
+    x, weight = torch.randn(2, 5, 16), torch.randn(16)
+    with torch.no_grad():
+        fused = ops.rms_norm(x, weight, 1e-5)
+    torch.testing.assert_close(fused, ops.rms_norm(x.requires_grad_(), weight, 1e-5).detach())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lora_update_matches_nn_dropout_and_autograd(dropout):
+    """LoRALinear's update equals the plain B(A(dropout(x))) * scaling, masks included, with equal gradients."""
+    torch.manual_seed(0)
+    layer = LoRALinear(16, 12, r=4, scaling=2.0, dropout=dropout)
+    torch.nn.init.normal_(layer.lora_B.weight)  # B starts at zero; make the update visible
+    layer.weight.requires_grad_(False)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+
+    def plain(inp: torch.Tensor) -> torch.Tensor:
+        h = F.dropout(inp, dropout, training=True) if dropout else inp
+        return F.linear(inp, layer.weight) + layer.lora_B(layer.lora_A(h)) * layer.scaling
+
+    results = []
+    for forward in (layer, plain):
+        torch.manual_seed(1)
+        out = forward(x)
+        out.pow(2).sum().backward()
+        results.append([out.detach(), x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad])
+        x.grad = layer.lora_A.weight.grad = layer.lora_B.weight.grad = None
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
