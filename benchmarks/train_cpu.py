@@ -19,12 +19,17 @@ over --repeats of: wall time of the epoch, real (non-padding) tokens/s, padding 
 RSS (ru_maxrss of that process, model loading included) and the final loss (mean train loss of the last 8
 steps; the two see their batches in different orders, so expect close, not equal, values); and lorafit / PEFT.
 
+--changes runs PEFT once, then lorafit once per row of CHANGES, each row adding one of lorafit's speed or memory
+changes to the row above (the earlier rows are rebuilt by swapping lorafit functions for their plain PyTorch form in
+that worker process), and prints tokens/s and peak RSS with their ratios to PEFT.
+
 --scaling measures lorafit alone on synthetic sequences of exactly max length (second half labelled) for every
 max length x micro-batch cell, each cell in its own subprocess: tokens/s over --steps timed steps after one
 warm-up step, and peak RSS.
 
     python benchmarks/train_cpu.py --json train_cpu.json              # 2 repeats: ~15 min on 2 quiet cores
     python benchmarks/train_cpu.py --records 8 --repeats 1            # smoke test, under a minute
+    python benchmarks/train_cpu.py --changes --json train_cpu_changes.json     # 8 runs: ~25 min
     python benchmarks/train_cpu.py --scaling --json train_cpu_scaling.json                 # 12 cells, ~10 min
     python benchmarks/train_cpu.py --scaling --lengths 128,256 --batches 1,4 --steps 1     # smoke test, ~1 min
 
@@ -123,16 +128,101 @@ def metrics_records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+# ------------------------------------------------------------------------------------------------
+# --changes: lorafit with its speed/memory changes added one at a time. Each step below is the state
+# before a change, rebuilt here by swapping one lorafit function for its plain PyTorch form.
+
+
+def plain_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(gate) * up
+
+
+def plain_lora_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """LoRALinear.forward through nn.Dropout and autograd (saves the float mask and the dropped-out input)."""
+    h = self.lora_dropout(x) if self.training else x
+    return torch.nn.functional.linear(x, self.weight) + self.lora_B(self.lora_A(h)) * self.scaling
+
+
+def unchunked_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The LM head and cross-entropy at the supervised positions in one piece."""
+    hidden = model.hidden_states(input_ids)[:, :-1]
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = model.lm_head(hidden[keep])
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+
+def full_head_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The LM head at every position, then cross-entropy ignoring the unlabelled ones (what HF does)."""
+    logits = model(input_ids)[:, :-1].float()
+    return torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+class FileOrderPlan(BatchPlan):
+    """Batches of consecutive records in file order, each padded to its longest (as PEFT's side is fed)."""
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        return file_order_batches(len(self.lengths), self.micro_batch_size)
+
+
+class ShuffledPlan(BatchPlan):
+    """Length-grouped batches in shuffled order, the largest wherever the shuffle puts it."""
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        return self.shuffled_batches(epoch)
+
+
+CHANGES = (
+    ("lorafit's model fed as PEFT's side: file order, LM head at every position", "baseline"),
+    ("+ length-grouped batches (BatchPlan)", "grouping"),
+    ("+ LM head and cross-entropy only at supervised positions", "supervised-head"),
+    ("+ SwiGLU and LoRA dropout saving less (ops.py, LoRALinear)", "lean-autograd"),
+    ("+ LM head + cross-entropy fused, 128 positions at a time", "fused-head"),
+    ("+ largest batch first (BatchPlan)", "largest-first"),
+    ("+ buffers >= 1 MiB returned to the system when freed (TrainConfig.cpu_mmap_threshold)", "mmap-threshold"),
+    ("+ activation checkpointing (--activation-checkpointing, a switch)", "activation-checkpointing"),
+)
+CHANGE_KEYS = [key for _, key in CHANGES]
+
+
+def undo_changes_after(change: str) -> list[str]:
+    """Put back the plain form of every change listed after `change` in CHANGES (this process only); return them."""
+    import lorafit.lora
+    import lorafit.model
+    import lorafit.train
+
+    later = CHANGE_KEYS[CHANGE_KEYS.index(change) + 1 :]
+    if "grouping" in later:
+        lorafit.train.BatchPlan = FileOrderPlan
+    elif "largest-first" in later:
+        lorafit.train.BatchPlan = ShuffledPlan
+    if "supervised-head" in later:
+        lorafit.train.supervised_loss_sum = full_head_loss_sum
+    elif "fused-head" in later:
+        lorafit.train.supervised_loss_sum = unchunked_loss_sum
+    if "lean-autograd" in later:
+        lorafit.model.swiglu = plain_swiglu
+        lorafit.lora.LoRALinear.forward = plain_lora_forward
+    return later
+
+
 def run_lorafit(dataset: TokenDataset, args: argparse.Namespace, run_dir: Path) -> dict:
-    """One epoch of lorafit's own loop on its length-grouped batches."""
+    """One epoch of lorafit's own loop on its length-grouped batches (minus the changes after args.change)."""
+    import lorafit.train
     from lorafit.checkpoint import load_model
     from lorafit.lora import apply_lora
-    from lorafit.train import train
 
-    batches = BatchPlan(dataset.lengths, MICRO_BATCH, SEED).batches(0)
+    undone = undo_changes_after(args.change)
+    batches = lorafit.train.BatchPlan(dataset.lengths, MICRO_BATCH, SEED).batches(0)
     model = load_model(resolve_checkpoint(args.checkpoint))
     apply_lora(model, LORA)
-    result = train(model, dataset, None, train_config(len(batches)), run_dir, args.pad_id, progress=False)
+    cfg = train_config(len(batches))
+    cfg.activation_checkpointing = args.change == "activation-checkpointing"
+    if "mmap-threshold" in undone:
+        cfg.cpu_mmap_threshold = None
+    result = lorafit.train.train(model, dataset, None, cfg, run_dir, args.pad_id, progress=False)
     real, padding = padding_share(dataset, batches)
     losses = [r["train_loss"] for r in metrics_records(run_dir)]
     return {"seconds": result.seconds, "real_tokens": real, "padding_share": padding, "losses": losses}
@@ -260,6 +350,43 @@ def compare(args: argparse.Namespace) -> dict:
     return {"setup": setup, "median": medians, "runs": runs, "litgpt": litgpt}
 
 
+def changes_table(rows: list[tuple[str, dict]], peft: dict) -> str:
+    """One row per change: lorafit's tokens/s and peak RSS, and both as ratios to PEFT's."""
+    lines = [
+        "| change | real tokens/s | peak RSS (MiB) | tokens/s / PEFT | peak RSS / PEFT |",
+        "|---|---:|---:|---:|---:|",
+        f"| HF PEFT + transformers (peer) | {peft['tokens_per_s']:.0f} | {peft['peak_rss_mib']:.0f} | 1 | 1 |",
+    ]
+    for label, r in rows:
+        speed, memory = r["tokens_per_s"] / peft["tokens_per_s"], r["peak_rss_mib"] / peft["peak_rss_mib"]
+        lines.append(f"| {label} | {r['tokens_per_s']:.0f} | {r['peak_rss_mib']:.0f} | {speed:.2f} | {memory:.2f} |")
+    return "\n".join(lines)
+
+
+def changes(args: argparse.Namespace) -> dict:
+    """PEFT once, then lorafit once per row of CHANGES (each adds one change to the row above)."""
+    tokenizer = Tokenizer.from_checkpoint(resolve_checkpoint(args.checkpoint))
+    dataset = alpaca_dataset(args.data, args.records, tokenizer)
+    rows, results = [], {}
+    with tempfile.TemporaryDirectory(prefix="train_cpu-changes-") as tmp:
+        data_file = Path(tmp) / "train.safetensors"
+        dataset.save(data_file)
+        common = ["--data-file", str(data_file), "--pad-id", str(tokenizer.eos_id)]
+        first = CHANGE_KEYS.index(args.changes_from)
+        for label, key in [("PEFT", "peft"), *CHANGES[first:]]:
+            worker = ["--worker", "peft"] if key == "peft" else ["--worker", "lorafit", "--change", key]
+            result = run_worker(args, Path(tmp) / f"{key}.json", worker + common)
+            if result is None:
+                sys.exit(f"{label}: run failed")
+            tokens_per_s, rss = result["tokens_per_s"], result["peak_rss_mib"]
+            print(f"{label}: {tokens_per_s:.0f} tokens/s, peak RSS {rss:.0f} MiB", flush=True)
+            results[key] = result
+            if key != "peft":
+                rows.append((label, result))
+    print(changes_table(rows, results["peft"]))
+    return {"setup": {"records": len(dataset), "micro_batch": MICRO_BATCH}, "runs": results}
+
+
 def scaling_table(cells: list[dict], lengths: list[int], batches: list[int]) -> str:
     """tokens/s and peak RSS per (max length, micro-batch) cell."""
     found = {(c["max_length"], c["micro_batch"]): c for c in cells}
@@ -304,6 +431,11 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None, help="default: lorafit's SmolLM2-135M-Instruct")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--scaling", action="store_true", help="lorafit alone: max length x micro-batch grid")
+    parser.add_argument("--changes", action="store_true", help="PEFT, then lorafit adding one change at a time")
+    parser.add_argument("--changes-from", choices=CHANGE_KEYS, default=CHANGE_KEYS[0], help="--changes: first row")
+    parser.add_argument(
+        "--change", choices=CHANGE_KEYS, default="mmap-threshold", help="lorafit run: the last change applied"
+    )
     parser.add_argument("--lengths", type=int_list, default=[128, 256, 512, 1024], help="--scaling max lengths")
     parser.add_argument("--batches", type=int_list, default=[1, 4, 8], help="--scaling micro-batch sizes")
     parser.add_argument("--steps", type=int, default=3, help="--scaling timed steps per cell (after 1 warm-up)")
@@ -316,7 +448,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    report = scaling(args) if args.scaling else compare(args)
+    report = scaling(args) if args.scaling else changes(args) if args.changes else compare(args)
     report["torch_threads"] = torch.get_num_threads()
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

@@ -25,6 +25,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="weight dtype (default: float32 on CPU, bfloat16 on CUDA)",
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode through a torch.compile'd step: ~2x faster on CPU after a one-time compile of about a minute",
+    )
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -48,7 +53,7 @@ def load_llm(args: argparse.Namespace):
     from lorafit.generate import LLM
 
     started = time.perf_counter()
-    llm = LLM.load(args.checkpoint, adapter=args.adapter, dtype=args.dtype, device=args.device)
+    llm = LLM.load(args.checkpoint, adapter=args.adapter, dtype=args.dtype, device=args.device, compile=args.compile)
     print(f"loaded in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return llm
 

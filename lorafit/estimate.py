@@ -9,9 +9,10 @@ several ops is counted once. What is modelled:
   it saves q, k, v (k and v at the key/value heads), its output and a float32 logsumexp, never the
   T x T probabilities. The unfused math path would add B * heads * T * T per layer; we do not model it.
 - lorafit's own autograd functions (lorafit/ops.py, LoRALinear) save less than plain autograd: SwiGLU
-  keeps gate and up, RMSNorm its input and 1/rms, LoRA the shared norm output and a bool dropout mask.
-- The LM head and cross-entropy run in chunks recomputed in backward: only the hidden rows are kept,
-  and one chunk's logits and their gradients are the workspace.
+  keeps gate and up, RMSNorm (when its weight trains) its input and 1/rms, LoRA the shared norm output
+  and a bool dropout mask.
+- The LM head and cross-entropy run in chunks whose gradients are formed in the forward pass (or, for a
+  head with trainable parts of its own, recomputed in backward): one chunk's logits are the workspace.
 - The device changes one thing: AdamW is fused on CUDA (no scratch) but steps one tensor at a time on the CPU.
 - The peak is the larger of two moments of a steady-state step (optimizer state already exists):
   the start of backward, when every saved activation is alive plus the loss head's gradient
@@ -207,8 +208,12 @@ def _rms_norm(saved: _Saved, step: _Step, key: str, x_grad: bool) -> bool:
     _, _, res = _dtype_bytes(step.precision)
     d, tokens = step.config.n_embd, step.tokens
     weight_trains = step.method in ("full", "adapter-v2")
+    if weight_trains:
+        saved.add(f"{key}.input", tokens * d * res)  # lorafit/ops.py's function keeps x in its own dtype
+    elif x_grad:
+        # F.rms_norm keeps its float32 input: the residual itself in float32, a float32 copy under bf16-true.
+        saved.add(f"{key}.input_f32", tokens * d * 4)
     if x_grad or weight_trains:
-        saved.add(f"{key}.input", tokens * d * res)
         saved.add(f"{key}.rstd", tokens * 4)
     return x_grad or weight_trains
 
@@ -255,23 +260,31 @@ def _block(saved: _Saved, step: _Step, i: int, x_grad: bool) -> bool:
     return x_grad or down_grad
 
 
-def _loss_head(saved: _Saved, step: _Step, hidden_grad: bool) -> int:
-    """Record the LM head and cross-entropy at the supervised positions; return their logits' count."""
+def _loss_head(saved: _Saved, step: _Step, hidden_grad: bool) -> tuple[int, bool]:
+    """Record the LM head and cross-entropy at the supervised positions; return the rows and whether it is fused."""
     config = step.config
-    _, lin, res = _dtype_bytes(step.precision)
+    param_bytes, _, res = _dtype_bytes(step.precision)
     # Next-token targets exist for T - 1 positions per row; only the supervised ones reach the head.
     rows = round(step.supervised_fraction * step.batch * (step.seq - 1))
     v, d = config.vocab_size, config.n_embd
-    head_trains = step.method in ("full", "adapter-v2") or (step.method == "lora" and "lm_head" in step.lora.targets)
+    lora_head = step.method == "lora" and "lm_head" in step.lora.targets
+    head_trains = step.method in ("full", "adapter-v2") or lora_head
     if hidden_grad or head_trains:
         saved.add("head.keep_mask", step.batch * (step.seq - 1))
         saved.add("head.keep_index", rows * 8)
-    if step.precision == "bf16-mixed" and hidden_grad:
-        saved.add("head.weight_bf16", v * d * 2)
-    # Each chunk of the head and cross-entropy is recomputed in backward from its hidden rows and targets.
-    saved.add("head.hidden_rows", rows * d * res)
-    saved.add("head.targets", rows * 8)
-    return rows
+    fused = step.method != "adapter-v2" and not lora_head
+    if fused:
+        # A plain head (ops.linear_cross_entropy_sum) forms its gradients during the forward pass and keeps
+        # them: the hidden rows' and, when the head trains, the weight's.
+        if hidden_grad:
+            saved.add("head.grad_hidden", rows * d * res)
+        if step.method == "full":
+            saved.add("head.grad_weight", v * d * param_bytes)
+    else:
+        # A head with trainable parts of its own is recomputed in backward, chunk by chunk, from these.
+        saved.add("head.hidden_rows", rows * d * res)
+        saved.add("head.targets", rows * 8)
+    return rows, fused
 
 
 def estimate_memory(
@@ -325,13 +338,14 @@ def estimate_memory(
             if block_in_grad or x_grad:
                 saved.add(f"layers.{i}.checkpoint_input", tokens * d * res)
     _rms_norm(saved, step, "norm", x_grad)
-    rows = _loss_head(saved, step, x_grad)
+    rows, fused_head = _loss_head(saved, step, x_grad)
 
-    # Workspace at the start of backward: one recomputed chunk's logits, log-probabilities and their two
-    # gradients (float32); then the LM head's weight gradient if it trains; and the top block's backward
-    # (three intermediate-sized gradients plus the residual's).
+    # Workspace on top of the saved tensors: one chunk's logits (in the linear dtype and float32) and their
+    # gradient, or for a recomputed chunk its logits, log-probabilities and their two float32 gradients;
+    # then the LM head's weight gradient if it trains; and the top block's backward (three
+    # intermediate-sized gradients plus the residual's).
     head_grad = config.vocab_size * d * param_bytes if method == "full" else 0
-    loss_phase = 16 * min(rows, LOSS_CHUNK) * config.vocab_size
+    loss_phase = (8 + 2 * lin if fused_head else 16) * min(rows, LOSS_CHUNK) * config.vocab_size
     head_phase = head_grad + rows * d * lin
     layer_phase = head_grad + 3 * tokens * config.intermediate_size * lin + tokens * d * 4
     if activation_checkpointing:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -143,11 +144,13 @@ def generate(
     generator: torch.Generator | None = None,
     cached_tokens: int = 0,
     stats: GenerationStats | None = None,
+    compiled: bool = False,
 ) -> Iterator[int]:
     """Yield up to max_new_tokens new token ids after prompt_ids, ending after the first one in stop_ids.
 
     `cached_tokens` says how many leading prompt tokens the model's KV cache already holds (from an
     earlier call with the same prefix), so only the rest is prefilled. `stats`, when given, is filled in.
+    `compiled` decodes through compiled_decode_step (its first use compiles).
     """
     device = model.embed_tokens.weight.device
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).reshape(1, -1)
@@ -169,7 +172,7 @@ def generate(
     token = sample_next(model.lm_head(hidden[:, -1]), temperature, top_k, top_p, generator)
     t_first = time.perf_counter()
     stats.time_to_first_token_s = t_first - t0
-    step = DecodeStep(model)
+    step = DecodeStep(model, compiled)
     position = n_prompt
     try:
         for i in range(max_new_tokens):
@@ -236,13 +239,47 @@ def generate_batch(
 class DecodeStep:
     """One token in, next-token logits out, writing its keys and values to the model's KV cache."""
 
-    def __init__(self, model: LLaMA) -> None:
-        self.model = model
+    def __init__(self, model: LLaMA, compiled: bool = False) -> None:
+        self.forward = compiled_decode_step(model) if compiled else model
         self.idx = torch.zeros(1, 1, dtype=torch.long, device=model.embed_tokens.weight.device)
 
     def __call__(self, token: torch.Tensor, position: int) -> torch.Tensor:
         self.idx.copy_(token.reshape(1, 1))
-        return self.model(self.idx, position)[:, -1]
+        return self.forward(self.idx, position)[:, -1]
+
+
+_compiled_steps: weakref.WeakKeyDictionary[LLaMA, Callable[..., torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
+def compiled_decode_step(model: LLaMA) -> Callable[..., torch.Tensor]:
+    """model(idx, position) compiled by torch.compile for one-token steps, once per model.
+
+    Decoding one token is matrix-vector products, bound by reading every weight once. Inductor is
+    asked to emit each as a fused multiply-and-sum along the weight's rows instead of a BLAS call
+    (its decompose_mm pass, allowed for any width): on 2 AVX2 cores that reads row-major float32
+    weights at about twice the bandwidth MKL reaches for one token. The position is dynamic, so one
+    graph serves every step. The first call compiles (about a minute for SmolLM2-135M on 2 cores;
+    inductor caches it on disk for later processes) and needs a C++ compiler. Weights should be
+    row-major: LLM.load(compile=True) does not apply use_decode_layout.
+    """
+    if model not in _compiled_steps:
+        allow_matvec_reductions()
+        _compiled_steps[model] = torch.compile(model.forward, dynamic=True)
+    return _compiled_steps[model]
+
+
+def allow_matvec_reductions() -> None:
+    """Turn on inductor's pass that rewrites (1 x k) @ (k x n) products as reductions, for any k and n.
+
+    The pass limits itself on the CPU to n, k <= 2048 (a Llama projection or LM head is wider); the
+    limit is a module attribute it reads at compile time. This changes inductor's settings for the
+    whole process.
+    """
+    from torch._inductor import config
+    from torch._inductor.fx_passes import decompose_mem_bound_mm
+
+    config.post_grad_fusion_options.setdefault("decompose_mm_pass", {})
+    decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = sys.maxsize
 
 
 class _Decodes(Protocol):
@@ -293,9 +330,10 @@ class LLM:
     answer (as a multi-turn chat does), so only the new turn is prefilled.
     """
 
-    def __init__(self, model: LLaMA, tokenizer) -> None:
+    def __init__(self, model: LLaMA, tokenizer, compile: bool = False) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.compile = compile
         self.last_stats: GenerationStats | None = None
         self._cached_ids: list[int] = []
 
@@ -306,11 +344,13 @@ class LLM:
         adapter: str | Path | None = None,
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
+        compile: bool = False,
     ) -> LLM:
         """Load a checkpoint (path, known name, HF repo id) and optionally an adapter: a LoRA run or PEFT
         adapter, or a LLaMA-Adapter (v1/v2) run.
 
-        Without a checkpoint: the adapter's base model, else the embedded default model.
+        Without a checkpoint: the adapter's base model, else the embedded default model. compile=True
+        decodes through compiled_decode_step (the first answer waits for the compilation).
         """
         from lorafit.adapter import adapter_method, load_adapter
         from lorafit.checkpoint import load_model
@@ -334,8 +374,9 @@ class LLM:
         elif adapter is not None:
             # LLaMA-Adapter stays a live module; its prompt's keys/values are computed once and reused while decoding.
             load_adapter(model, adapter)
-        use_decode_layout(model)
-        return cls(model, Tokenizer.from_checkpoint(path))
+        if not compile:
+            use_decode_layout(model)  # the compiled step reads row-major weights best
+        return cls(model, Tokenizer.from_checkpoint(path), compile)
 
     def prompt_ids(self, prompt: str | list[dict[str, str]], chat: bool = False) -> list[int]:
         """Token ids for a prompt: plain text, or (chat=True, or a list of messages) the chat template's rendering."""
@@ -377,6 +418,7 @@ class LLM:
             generator,
             cached_tokens=cached,
             stats=self.last_stats,
+            compiled=self.compile,
         ):
             new.append(token)
             # The cache holds every token fed to the model: all but the latest one.

@@ -96,7 +96,8 @@ class _LoRAUpdate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, mask, a, A, B = ctx.saved_tensors
-        grad = grad * ctx.scaling
+        # Under autocast the forward ran in bf16; backward (outside autocast) works in the LoRA weights' dtype.
+        grad, a = grad.to(A.dtype) * ctx.scaling, a.to(A.dtype)
         grad_a = grad @ B
         grad_x = grad_A = grad_B = None
         if ctx.needs_input_grad[2]:

@@ -338,6 +338,9 @@ def test_batch_plan_covers_every_sample_once_and_groups_lengths():
     shuffled = [lengths[i : i + 4] for i in range(0, 1232, 4)]
     padded_unsorted = sum(max(b) * len(b) for b in shuffled) + max(lengths[1232:]) * 2
     assert padded - real < 0.25 * (padded_unsorted - real)  # grouping by length wastes far less on padding
+    for epoch in (0, 1):  # the largest batch first, so a run that cannot fit fails at once
+        batches = plan.batches(epoch)
+        assert plan.token_counts(batches[0])[1] == max(plan.token_counts(b)[1] for b in batches)
 
 
 def test_batch_plan_resumes_at_any_step():

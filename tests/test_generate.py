@@ -1,5 +1,7 @@
 """Generation: KV-cache decoding, parity with transformers' generate, sampling rules, streaming text."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -72,6 +74,21 @@ def test_greedy_equals_transformers_generate():
             eos_token_id=None,
         )[0, len(PROMPT) :].tolist()
     assert list(generate(model, PROMPT, max_new_tokens=20)) == expected
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="torch.compile needs a C++ compiler")
+def test_compiled_decoding_equals_eager_and_uses_reductions():
+    """The compiled one-token step gives the eager tokens, with its matrix-vector products rewritten as reductions."""
+    from torch._dynamo.utils import counters
+
+    _, model = make_pair()
+    eager = list(generate(model, PROMPT, max_new_tokens=10))
+    counters.clear()
+    compiled = list(generate(model, PROMPT, max_new_tokens=10, compiled=True))
+    assert compiled == eager
+    # The step's q, k, v, o, gate, up, down and LM head products: each one rewritten once per compiled graph.
+    assert counters["inductor"]["decompose_mm"] >= 8
 
 
 def test_generation_stops_after_a_stop_id():

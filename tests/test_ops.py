@@ -90,12 +90,11 @@ def test_lora_keeps_a_bool_mask_instead_of_the_dropout_output():
     assert plain - saved_bytes(layer, x) == 2 * x.numel() * 4 - x.numel()
 
 
-def test_inference_paths_give_the_training_paths_values():
+def test_frozen_and_trained_norm_weights_give_the_same_values():
     torch.manual_seed(0)
     x, weight = torch.randn(2, 5, 16), torch.randn(16)
-    with torch.no_grad():
-        fused = ops.rms_norm(x, weight, 1e-5)
-    torch.testing.assert_close(fused, ops.rms_norm(x.requires_grad_(), weight, 1e-5).detach())
+    fused = ops.rms_norm(x, weight, 1e-5)
+    torch.testing.assert_close(fused, ops.rms_norm(x, weight.requires_grad_(), 1e-5).detach())
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
@@ -120,3 +119,61 @@ def test_lora_update_matches_nn_dropout_and_autograd(dropout):
         x.grad = layer.lora_A.weight.grad = layer.lora_B.weight.grad = None
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("weight_trains", [False, True])
+def test_linear_cross_entropy_matches_the_plain_loss_and_its_gradients(weight_trains):
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(37, 16, dtype=torch.float64), torch.randn(50, 16, dtype=torch.float64)
+    targets = torch.randint(50, (37,))
+
+    def plain(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(F.linear(h, w), targets, reduction="sum")
+
+    def chunked(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return ops.linear_cross_entropy_sum(h, w, targets, chunk=8)  # 37 rows: four full chunks and a short one
+
+    results = []
+    for fn in (chunked, plain):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(weight_trains)
+        loss = fn(h, w)
+        (loss * 0.5).backward()  # a scaled loss, as the training loop's mean over the step
+        results.append((loss.detach().double(), h.grad, w.grad))
+    (loss, grad_h, grad_w), (ref_loss, ref_grad_h, ref_grad_w) = results
+    # The logits are float32 by design (as train.py's loss always was).
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(grad_h, ref_grad_h, rtol=1e-5, atol=1e-6)
+    if weight_trains:
+        torch.testing.assert_close(grad_w, ref_grad_w, rtol=1e-5, atol=1e-6)
+    else:
+        assert grad_w is None
+    with torch.no_grad():
+        torch.testing.assert_close(chunked(hidden, weight).double(), ref_loss, rtol=1e-6, atol=1e-5)
+
+
+def test_linear_cross_entropy_keeps_no_logits():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(300, 16, requires_grad=True), torch.randn(1000, 16)
+    targets = torch.randint(1000, (300,))
+    plain = saved_bytes(lambda h: F.cross_entropy(F.linear(h, weight), targets, reduction="sum"), hidden)
+    assert plain >= 300 * 1000 * 4  # the float32 log-probabilities
+    assert saved_bytes(lambda h: ops.linear_cross_entropy_sum(h, weight, targets, 128), hidden) == 300 * 16 * 4
+
+
+def test_lora_update_backward_runs_under_autocast():
+    """bf16-mixed: the forward runs in bf16 under autocast, backward outside it; gradients stay close to float32's."""
+    torch.manual_seed(0)
+    layer = LoRALinear(32, 24, r=4, scaling=2.0, dropout=0.0)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    layer.weight.requires_grad_(False)
+    x = torch.randn(2, 6, 32, requires_grad=True)
+    grads = []
+    for enabled in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            out = layer(x)
+        out.float().pow(2).sum().backward()
+        grads.append([t.grad.clone() for t in (x, layer.lora_A.weight, layer.lora_B.weight)])
+        x.grad = layer.lora_A.weight.grad = layer.lora_B.weight.grad = None
+    for full, mixed in zip(*grads, strict=True):
+        assert mixed.dtype == torch.float32
+        torch.testing.assert_close(mixed, full, rtol=0.05, atol=0.05 * full.abs().max().item())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -398,3 +399,35 @@ def test_evaluate_leaves_the_model_in_the_mode_it_found_it(training):
     model.train(training)
     evaluate(model, tiny_dataset(6), small_config(), pad_id=0, device=torch.device("cpu"))
     assert model.training is training
+
+
+RSS_RETURNED = """
+import sys, torch
+from lorafit.train import release_large_buffers
+
+def rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+if sys.argv[1] == "release":
+    assert release_large_buffers(1 << 20)
+warm = [torch.ones(2**19) for _ in range(4)]  # 2 MiB buffers, freed: glibc's adaptive threshold rises past them
+del warm
+buffers = [torch.ones(2**19) for _ in range(100)]  # 200 MiB in 2 MiB buffers
+before = rss_mib()
+del buffers[::2]  # free every other one, as activations of different lifetimes are: holes in the heap
+print(before - rss_mib())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists() or sys.platform != "linux", reason="glibc Linux only")
+def test_large_buffers_go_back_to_the_system_when_freed():
+    """With cpu_mmap_threshold, freed activation-sized buffers leave the resident set; by default glibc keeps them."""
+    import subprocess
+
+    def returned_mib(mode: str) -> float:
+        command = [sys.executable, "-c", RSS_RETURNED, mode]
+        return float(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+
+    assert returned_mib("release") > 90  # of the 100 MiB freed
+    assert returned_mib("default") < 10

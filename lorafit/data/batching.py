@@ -2,7 +2,7 @@
 
 Per epoch the plan shuffles all sample indices (seed + epoch), cuts them into mega-batches of
 ``mega_batch_factor * micro_batch_size``, sorts each mega-batch by length, cuts it into micro-batches,
-and shuffles the order of those micro-batches. Every sample appears exactly once per epoch (no
+and shuffles the order of those micro-batches, the largest first. Every sample appears exactly once per epoch (no
 sampling with replacement, nothing dropped; a mega-batch's last micro-batch may be smaller), so
 micro-step ``s`` of a run is batch ``s % len(plan)`` of epoch ``s // len(plan)``, and a resumed run
 that knows its step gets exactly the batches it would have had.
@@ -40,7 +40,16 @@ class BatchPlan:
         return self.batches_per_epoch
 
     def batches(self, epoch: int) -> list[list[int]]:
-        """All micro-batches of one epoch, as lists of sample indices."""
+        """All micro-batches of one epoch, as lists of sample indices, the largest first."""
+        batches = self.shuffled_batches(epoch)
+        # The largest batch goes first (as Hugging Face's length-grouped sampler does): a run that does not
+        # fit in memory fails in its first step, not hours in.
+        largest = max(range(len(batches)), key=lambda b: self.token_counts(batches[b])[1])
+        batches.insert(0, batches.pop(largest))
+        return batches
+
+    def shuffled_batches(self, epoch: int) -> list[list[int]]:
+        """The epoch's length-grouped micro-batches in shuffled order."""
         rng = random.Random(self.seed + epoch)
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
