@@ -9,7 +9,8 @@ is how each framework feeds it, as its users would:
 - recipe: LoRA on q,v with r=8, alpha 16, dropout 0.05; AdamW lr 3e-4 (weight decay 0) with lorafit's schedule
   (linear warm-up over a tenth of the steps, then cosine; PEFT gets it as a LambdaLR); gradient clipping at 1;
   micro-batch 4 = global batch (no accumulation); one epoch = 64 optimizer steps;
-- lorafit: `lorafit.train.train` (its BatchPlan length-grouped batches; LM head only where labels exist);
+- lorafit: `lorafit.train.train` (its BatchPlan length-grouped batches; LM head only where labels exist), with
+  the CPU memory switch cpu_mmap_threshold at 1 MiB (--change picks an earlier row of CHANGES instead);
 - PEFT: `get_peft_model` on transformers' LlamaForCausalLM (SDPA attention, no KV cache) in a plain PyTorch
   loop: records in file order, each batch padded to its longest sample (dynamic padding, as a DataCollator
   does) with an attention mask, HF's loss = mean over the labelled tokens.
@@ -181,7 +182,7 @@ CHANGES = (
     ("+ SwiGLU and LoRA dropout saving less (ops.py, LoRALinear)", "lean-autograd"),
     ("+ LM head + cross-entropy fused, 128 positions at a time", "fused-head"),
     ("+ largest batch first (BatchPlan)", "largest-first"),
-    ("+ buffers >= 1 MiB returned to the system when freed (TrainConfig.cpu_mmap_threshold)", "mmap-threshold"),
+    ("+ buffers >= 1 MiB returned to the system when freed (--cpu-mmap-threshold 1048576)", "mmap-threshold"),
     ("+ activation checkpointing (--activation-checkpointing, a switch)", "activation-checkpointing"),
 )
 CHANGE_KEYS = [key for _, key in CHANGES]
@@ -220,8 +221,8 @@ def run_lorafit(dataset: TokenDataset, args: argparse.Namespace, run_dir: Path) 
     apply_lora(model, LORA)
     cfg = train_config(len(batches))
     cfg.activation_checkpointing = args.change == "activation-checkpointing"
-    if "mmap-threshold" in undone:
-        cfg.cpu_mmap_threshold = None
+    if "mmap-threshold" not in undone:
+        cfg.cpu_mmap_threshold = 1 << 20
     result = lorafit.train.train(model, dataset, None, cfg, run_dir, args.pad_id, progress=False)
     real, padding = padding_share(dataset, batches)
     losses = [r["train_loss"] for r in metrics_records(run_dir)]

@@ -157,6 +157,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         precision=args.precision,
         seed=args.seed,
         activation_checkpointing=args.activation_checkpointing,
+        cpu_mmap_threshold=args.cpu_mmap_threshold,
     )
     lora = LoRAConfig(
         r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.lora_targets, rslora=args.rslora
@@ -246,6 +247,12 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", default=None, help="a checkpoint directory, or auto for the run's latest")
     p.add_argument("--precision", default="auto", choices=["auto", "32-true", "bf16-mixed", "bf16-true"])
     p.add_argument("--activation-checkpointing", action="store_true", help="trade compute for memory")
+    p.add_argument(
+        "--cpu-mmap-threshold",
+        type=int,
+        default=None,
+        help="CPU: return freed buffers of >= this many bytes to the system (e.g. 1048576: less RSS, maybe slower)",
+    )
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default=None)
     p.add_argument(

@@ -64,9 +64,11 @@ class TrainConfig:
     precision: str = "auto"
     """32-true, bf16-mixed or bf16-true; auto is bf16-mixed on CUDA and 32-true on CPU."""
     activation_checkpointing: bool = False
-    cpu_mmap_threshold: int | None = 1 << 20
+    cpu_mmap_threshold: int | None = None
     """On the CPU (glibc): buffers of at least this many bytes get their own memory mapping and go back to the
-    system when freed (see release_large_buffers); None leaves malloc's adaptive threshold."""
+    system when freed (see release_large_buffers); None leaves malloc's adaptive threshold. 1 MiB cut
+    benchmarks/train_cpu.py's peak RSS by a quarter at no measurable speed cost, but slowed the demo's
+    run (LoRA on every linear, batch 8) by 30%: every activation there is a fresh mapping."""
     seed: int = 42
 
     @property
@@ -316,8 +318,9 @@ def release_large_buffers(threshold: int) -> bool:
     By default glibc raises this threshold as large buffers are freed (up to 32 MiB), after which
     activations come from its heap, where memory freed by steps of other shapes stays resident and
     fragments: measured on a LoRA run, a quarter of the peak resident memory. The price is a page fault
-    per fresh page of a large buffer, within run-to-run noise here. Affects the whole process; a no-op
-    (returns False) off glibc or when the user has set MALLOC_MMAP_THRESHOLD_ themselves.
+    per fresh page of every large buffer, which depends on the run (see TrainConfig.cpu_mmap_threshold).
+    Affects the whole process; a no-op (returns False) off glibc or when the user has set
+    MALLOC_MMAP_THRESHOLD_ themselves.
     """
     if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
