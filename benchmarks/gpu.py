@@ -49,7 +49,7 @@ from lorafit.config import Config
 from lorafit.data import TokenDataset, collate
 from lorafit.estimate import GIB, estimate_memory, linear_shapes
 from lorafit.generate import peak_memory_bytes
-from lorafit.lora import TARGETS, LoRAConfig, apply_lora
+from lorafit.lora import LoRAConfig, apply_lora
 from lorafit.model import LLaMA
 from lorafit.train import IGNORE_INDEX, TrainConfig, learning_rate_at, train
 
@@ -238,7 +238,8 @@ def base_weights(model: LLaMA) -> dict[str, torch.Tensor]:
 
 def peft_model(config: Config, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
     """transformers' LlamaForCausalLM (SDPA) on the given tensors, with PEFT LoRA in `dtype` on q and v."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
+    from peft_side import peft_lora_config
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -257,15 +258,8 @@ def peft_model(config: Config, weights: dict[str, torch.Tensor], dtype: torch.dt
     meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if meta:
         raise RuntimeError(f"tensors left on the meta device: {meta[:4]}")
-    lora = LoraConfig(
-        r=LORA.r,
-        lora_alpha=LORA.alpha,
-        lora_dropout=LORA.dropout,
-        target_modules=[TARGETS[t] for t in LORA.targets],
-        task_type="CAUSAL_LM",
-    )
     # autocast_adapter_dtype=False keeps the LoRA weights in the model's dtype, as lorafit's bf16-true does.
-    return get_peft_model(model, lora, autocast_adapter_dtype=False)
+    return get_peft_model(model, peft_lora_config(LORA), autocast_adapter_dtype=False)
 
 
 def run_peft(model: nn.Module, config: Config, length: int, args: argparse.Namespace, peak: float | None) -> dict:

@@ -1,6 +1,6 @@
 """What the CPU benchmarks share: the Hugging Face PEFT model, its batches, and a process's peak RSS.
 
-Imported by benchmarks/lora_alpaca.py and benchmarks/train_cpu.py, which run as scripts (so this directory is
+Imported by benchmarks/lora_alpaca.py, train_cpu.py and gpu.py, which run as scripts (so this directory is
 on sys.path).
 """
 
@@ -26,7 +26,7 @@ def peak_rss_bytes() -> int:
 
 def peft_model(checkpoint: Path, lora: LoRAConfig) -> torch.nn.Module:
     """transformers' float32 LlamaForCausalLM with SDPA attention, wrapped by PEFT with LoRA as in `lora`."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
@@ -35,14 +35,20 @@ def peft_model(checkpoint: Path, lora: LoRAConfig) -> torch.nn.Module:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="sdpa")
     base.config.use_cache = False  # training needs no KV cache; HF's fine-tuning examples switch it off too
-    config = LoraConfig(
+    return get_peft_model(base, peft_lora_config(lora))
+
+
+def peft_lora_config(lora: LoRAConfig):
+    """lorafit's LoRA hyperparameters as PEFT's LoraConfig for a causal LM."""
+    from peft import LoraConfig
+
+    return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=[TARGETS[t] for t in lora.targets],
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(base, config)
 
 
 def hf_batch(dataset: TokenDataset, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
