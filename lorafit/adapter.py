@@ -9,30 +9,22 @@ v2 (Gao et al., 2023) adds, as lit-llama does: a bias and a scale on the output 
 layer, the LM head included (y = scale * (W x + bias), starting at scale 1, bias 0), and trainable
 RMSNorm weights (every norm, the final one too).
 
-A run saves adapter.safetensors (the trainable tensors under lorafit's names) and adapter_config.json
-({"method", "prompt_length", "start_layer", "base_model_name_or_path"}). This is lorafit's own format:
-PEFT's adaption_prompt differs (other names, a tanh gate, fewer pieces), so it does not read these.
+This module holds the layers; lorafit/methods/llama_adapter.py holds the methods (v1, v2) and their
+files. PEFT's adaption_prompt differs (other names, a tanh gate, fewer pieces), so the files are
+lorafit's own.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from itertools import chain
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from lorafit.config import Config
 from lorafit.model import LLaMA, RMSNorm
-
-METHODS = ("adapter", "adapter-v2")
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass
@@ -140,16 +132,8 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def check_method(method: Any, where: str = "") -> None:
-    """Refuse anything but "adapter" or "adapter-v2", naming where it came from."""
-    if method not in METHODS:
-        where = f"{where}: " if where else ""
-        raise ValueError(f"{where}unknown LLaMA-Adapter method {method!r}; choose one of {', '.join(METHODS)}")
-
-
-def apply_adapter(model: LLaMA, method: str, config: AdapterConfig) -> int:
-    """Add LLaMA-Adapter (v1: "adapter", v2: "adapter-v2") in place, freeze the rest; return the trainable count."""
-    check_method(method)
+def apply_adapter(model: LLaMA, config: AdapterConfig, v2: bool = False) -> int:
+    """Add LLaMA-Adapter (v1, or v2 with v2=True) in place, freeze the rest; return the trainable count."""
     n_layer = len(model.layers)
     if config.start_layer >= n_layer:
         raise ValueError(f"adapter start_layer {config.start_layer} leaves no layer to adapt (the model has {n_layer})")
@@ -158,7 +142,7 @@ def apply_adapter(model: LLaMA, method: str, config: AdapterConfig) -> int:
     weight = model.embed_tokens.weight
     for block in model.layers[config.start_layer :]:
         block.self_attn.adapter = PromptAdapter(config.prompt_length, model.config, weight.device, weight.dtype)
-    if method == "adapter-v2":
+    if v2:
         linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
         for name, linear in linears:
             _replace(model, name, AdapterV2Linear.from_linear(linear))
@@ -192,91 +176,6 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapter's tensors, under lorafit's names (e.g. layers.2.self_attn.adapter.gate)."""
     return {name: p.detach() for name, p in adapter_parameters(model).items()}
-
-
-def adapter_config_dict(method: str, config: AdapterConfig, base_model_name_or_path: str) -> dict[str, Any]:
-    """adapter_config.json's contents."""
-    return {
-        "method": method,
-        "prompt_length": config.prompt_length,
-        "start_layer": config.start_layer,
-        "base_model_name_or_path": base_model_name_or_path,
-    }
-
-
-def save_adapter(
-    model: nn.Module, method: str, config: AdapterConfig, out_dir: str | Path, base_model_name_or_path: str
-) -> None:
-    """Write adapter.safetensors + adapter_config.json (each via a temporary file, so never half-written)."""
-    tensors = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
-    if not tensors:
-        raise ValueError("the model has no LLaMA-Adapter to save; call apply_adapter first")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (ADAPTER_WEIGHTS + ".tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    tmp.replace(out / ADAPTER_WEIGHTS)
-    tmp = out / (ADAPTER_CONFIG + ".tmp")
-    tmp.write_text(json.dumps(adapter_config_dict(method, config, base_model_name_or_path), indent=2) + "\n")
-    tmp.replace(out / ADAPTER_CONFIG)
-
-
-def adapter_method(adapter_dir: str | Path) -> str:
-    """What kind of adapter a directory holds: "lora" (PEFT format), "adapter" or "adapter-v2"."""
-    path = Path(adapter_dir) / ADAPTER_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"{adapter_dir}: no {ADAPTER_CONFIG}; not a finetuning run or adapter directory")
-    fields = json.loads(path.read_text())
-    if "method" in fields:
-        check_method(fields["method"], str(path))
-        return fields["method"]
-    if fields.get("peft_type", "LORA") == "LORA":
-        return "lora"
-    raise ValueError(f"{path}: peft_type={fields['peft_type']!r} is not supported (only 'LORA')")
-
-
-def read_adapter_config(adapter_dir: str | Path) -> tuple[str, AdapterConfig]:
-    """(method, AdapterConfig) from a LLaMA-Adapter directory's adapter_config.json."""
-    path = Path(adapter_dir) / ADAPTER_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (a LLaMA-Adapter directory holds {ADAPTER_CONFIG})")
-    fields = json.loads(path.read_text())
-    check_method(fields.get("method"), str(path))
-    for key in ("prompt_length", "start_layer"):
-        if not isinstance(fields.get(key), int):
-            raise ValueError(f"{path}: {key} must be an integer, got {fields.get(key)!r}")
-    return fields["method"], AdapterConfig(prompt_length=fields["prompt_length"], start_layer=fields["start_layer"])
-
-
-def load_adapter(model: LLaMA, adapter_dir: str | Path) -> tuple[str, AdapterConfig]:
-    """Apply a saved LLaMA-Adapter to the model; return its method and config."""
-    method, config = read_adapter_config(adapter_dir)
-    weights_path = Path(adapter_dir) / ADAPTER_WEIGHTS
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"{weights_path} not found (a LLaMA-Adapter directory holds {ADAPTER_WEIGHTS})")
-    tensors = load_file(weights_path)
-    apply_adapter(model, method, config)
-    params = adapter_parameters(model)
-    missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-    if missing:
-        raise ValueError(f"{weights_path}: missing tensor(s) {', '.join(missing[:4])}" + _more(missing))
-    if extra:
-        raise ValueError(
-            f"{weights_path}: unexpected tensor(s) {', '.join(extra[:4])}{_more(extra)} for method {method!r}"
-        )
-    with torch.no_grad():
-        for name, p in params.items():
-            if tensors[name].shape != p.shape:
-                raise ValueError(
-                    f"{weights_path}: tensor {name} has shape {tuple(tensors[name].shape)}, "
-                    f"the model expects {tuple(p.shape)}"
-                )
-            p.copy_(tensors[name])
-    return method, config
-
-
-def _more(names: list[str]) -> str:
-    return f" and {len(names) - 4} more" if len(names) > 4 else ""
 
 
 def fold_scales(model: LLaMA) -> list[str]:

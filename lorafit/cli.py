@@ -1,13 +1,28 @@
-"""`lorafit <command>`: parses arguments and calls the library; no logic of its own."""
+"""`lorafit <command>`: parses arguments and calls the library; no logic of its own.
+
+Training flags (and the YAML keys of `--config` recipes) are generated from the config dataclasses:
+TrainConfig, DataOptions and each method's own config in lorafit/methods/. Every default and its help
+text is therefore written once, in its dataclass.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import inspect
 import os
 import sys
+import textwrap
+import types
+import typing
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
+
+from lorafit import __version__
 
 CHECKPOINT_HELP = (
     "a checkpoint directory, a .gguf file, a known model name or a Hugging Face repo id "
@@ -15,29 +30,85 @@ CHECKPOINT_HELP = (
 )
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
-    parser.add_argument("--adapter", default=None, help="a finetuning run directory (or PEFT adapter) to apply")
-    parser.add_argument(
-        "--dtype",
-        default=None,
-        choices=["float32", "bfloat16", "float16"],
-        help="weight dtype (default: float32 on CPU, bfloat16 on CUDA)",
-    )
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="decode through a torch.compile'd step: ~2x faster on CPU after a one-time compile of about a minute",
-    )
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every default, and the examples in the epilog as written."""
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+# ------------------------------------------------------------------------------------------------
+# Flags from dataclasses
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass (the string under each field), as help texts."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        is_doc = isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and is_doc:
+            docs[node.target.id] = " ".join(str(after.value.value).split())
+    return docs
+
+
+def _argument_kind(hint: Any) -> dict[str, Any]:
+    """argparse keywords for a field's type: bools as --x/--no-x, Literals as choices, tuples as "a,b"."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(hint) is typing.Literal:
+        choices = typing.get_args(hint)
+        return {"choices": choices, "type": type(choices[0])}
+    if typing.get_origin(hint) is tuple:
+        return {"type": str, "metavar": "A,B,..."}
+    return {"type": hint}
+
+
+@dataclasses.dataclass
+class Leaf:
+    """A command's parser and its destinations: the keys its YAML recipe may set, with their converters."""
+
+    parser: argparse.ArgumentParser
+    converters: dict[str, Callable[[str], Any] | None] = dataclasses.field(default_factory=dict)
+    required: tuple[str, ...] = ()
+
+    def add(self, *flags: str, **kwargs: Any) -> argparse.Action:
+        action = self.parser.add_argument(*flags, **kwargs)
+        self.converters[action.dest] = kwargs.get("type")
+        return action
+
+    def add_dataclass(self, cls: type, prefix: str = "", only: tuple[str, ...] | None = None) -> None:
+        """One flag per field of `cls`: --{prefix}-{field}, typed, defaulted and documented by the class."""
+        hints, docs = typing.get_type_hints(cls), field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if only is not None and f.name not in only:
+                continue
+            dest = f"{prefix}_{f.name}" if prefix else f.name
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if isinstance(default, tuple):
+                default = ",".join(default)
+            flag = "--" + dest.replace("_", "-")
+            self.add(flag, dest=dest, default=default, help=docs.get(f.name, ""), **_argument_kind(hints[f.name]))
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace, prefix: str = "", **fixed: Any) -> Any:
+    """An instance of `cls` from the flags add_dataclass made (fields not on the command line keep their default)."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        dest = f"{prefix}_{f.name}" if prefix else f.name
+        if hasattr(args, dest):
+            values[f.name] = getattr(args, dest)
+    return cls(**(values | fixed))
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------
+# Commands
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -58,17 +129,19 @@ def load_llm(args: argparse.Namespace):
     return llm
 
 
+def sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     llm = load_llm(args)
-    for text in llm.stream(
-        args.prompt,
-        chat=args.chat,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-    ):
+    for text in llm.stream(args.prompt, chat=args.chat, **sampling(args)):
         sys.stdout.write(text)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -77,13 +150,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     llm = load_llm(args)
-    print("Chatting with the model; an empty line or Ctrl-D ends, /reset forgets the history.", file=sys.stderr)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Chatting with the model; an empty line or Ctrl-D ends, /reset forgets the history.", file=sys.stderr)
     messages: list[dict[str, str]] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
     while True:
         try:
-            line = input(">> ")
+            line = input(">> " if interactive else "")  # piped input gets answers only, no prompts
         except EOFError:
             break
         if not line.strip():
@@ -93,14 +168,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
             continue
         messages.append({"role": "user", "content": line})
         reply = []
-        for text in llm.stream(
-            messages,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed,
-        ):
+        for text in llm.stream(messages, **sampling(args)):
             reply.append(text)
             sys.stdout.write(text)
             sys.stdout.flush()
@@ -114,20 +182,18 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from lorafit.hub import resolve_checkpoint
     from lorafit.tokenizer import Tokenizer
 
-    source = args.source or args.dataset
     if args.dataset == "json" and not args.source:
-        raise SystemExit("lorafit prepare json needs --source FILE|URL")
+        raise ValueError("lorafit prepare json needs --source FILE|URL")
     tokenizer = Tokenizer.from_checkpoint(resolve_checkpoint(args.checkpoint))
-    val_size = args.val_size if args.val_size is not None else (2000 if args.dataset == "alpaca" else 0)
     info = prepare_source(
-        source,
+        args.source or args.dataset,
         tokenizer,
         args.out,
         fmt=None if args.dataset == "json" else args.dataset,
         style=args.prompt_style,
         max_seq_length=args.max_seq_length,
-        mask_prompt=not args.no_mask_prompt,
-        val_size=val_size,
+        mask_prompt=args.mask_prompt,
+        val_size=args.val_size,
         seed=args.seed,
     )
     print(
@@ -137,55 +203,41 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     )
 
 
+def method_config_from_args(args: argparse.Namespace):
+    from lorafit.methods import get_method
+
+    method = get_method(args.method)
+    if method.config_class is None:
+        return method, None
+    return method, dataclass_from_args(method.config_class, args, method.flag_prefix)
+
+
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from lorafit.adapter import AdapterConfig
     from lorafit.finetune import DataOptions, finetune
-    from lorafit.lora import LoRAConfig
     from lorafit.train import TrainConfig
 
-    train_config = TrainConfig(
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        micro_batch_size=args.micro_batch_size,
-        global_batch_size=args.global_batch_size,
-        learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps,
-        max_seq_length=args.max_seq_length,
-        eval_interval=args.eval_interval,
-        save_interval=args.save_interval,
-        precision=args.precision,
-        seed=args.seed,
-        activation_checkpointing=args.activation_checkpointing,
-        cpu_mmap_threshold=args.cpu_mmap_threshold,
-    )
-    lora = LoRAConfig(
-        r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.lora_targets, rslora=args.rslora
-    )
-    adapter = AdapterConfig(prompt_length=args.adapter_prompt_length, start_layer=args.adapter_start_layer)
-    data_options = DataOptions(
-        prompt_style=args.prompt_style, mask_prompt=not args.no_mask_prompt, val_size=args.val_size
-    )
+    method, method_config = method_config_from_args(args)
     finetune(
-        args.method,
+        method,
         args.data,
         args.out,
         args.checkpoint,
-        train_config,
-        lora,
-        data_options,
-        args.resume,
-        args.device,
+        dataclass_from_args(TrainConfig, args),
+        method_config,
+        dataclass_from_args(DataOptions, args),
+        resume=args.resume,
+        overwrite=args.overwrite,
+        device=args.device,
         devices=args.devices,
         nodes=args.nodes,
-        adapter=adapter,
     )
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    from lorafit.finetune import merge_adapter
+    from lorafit.methods import merge_run
+    from lorafit.runtime import DTYPES
 
-    out = merge_adapter(args.run, args.out, args.checkpoint)
+    out = merge_run(args.run, args.out, args.checkpoint, DTYPES[args.dtype] if args.dtype else None)
     print(f"merged model written to {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
     if (out / "adapter").is_dir():
         print(f"prompts, gates and biases do not fit a Llama checkpoint: also pass --adapter {out / 'adapter'}")
@@ -198,21 +250,30 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_estimate(args: argparse.Namespace) -> None:
+    import torch
+
+    from lorafit.checkpoint import load_config
     from lorafit.config import Config
     from lorafit.estimate import format_estimate
-    from lorafit.lora import LoRAConfig
+    from lorafit.hub import DEFAULT_MODEL, resolve_checkpoint
+    from lorafit.runtime import resolve_precision
 
-    model = Path(args.model)
-    config = Config.from_hf(model / "config.json") if model.is_dir() else Config.from_name(args.model)
-    lora = LoRAConfig(r=args.lora_r, dropout=args.lora_dropout, targets=args.lora_targets)
+    spec = args.checkpoint or DEFAULT_MODEL
+    try:  # a known name needs no download: its config is in the zoo
+        config = Config.from_name(str(spec))
+    except ValueError:
+        config = load_config(resolve_checkpoint(spec))
+    method, method_config = method_config_from_args(args)
+    # The device the run would train on need not be here: only its type matters.
+    precision = resolve_precision(args.precision, torch.device(args.device))
     print(
         format_estimate(
             config,
-            args.method,
+            method.name,
             args.micro_batch_size,
             args.max_seq_length,
-            args.precision,
-            lora,
+            precision,
+            method_config,
             args.activation_checkpointing,
             args.supervised_fraction,
             args.device,
@@ -220,160 +281,195 @@ def cmd_estimate(args: argparse.Namespace) -> None:
     )
 
 
-def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
-    from lorafit.finetune import METHODS
-
-    p.add_argument("method", choices=METHODS)
-    p.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
-    p.add_argument("--data", required=True, help="a prepared directory (lorafit prepare) or a JSON/JSONL file")
-    p.add_argument("--out", required=True, help="run directory: adapter, metrics, loss.png, checkpoints")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--global-batch-size", type=int, default=128, help="samples per optimizer step")
-    p.add_argument("--learning-rate", type=float, default=3e-4)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--max-seq-length", type=int, default=256)
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=16)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
-    p.add_argument("--lora-targets", default="q,v", help="comma-separated among q,k,v,o,gate,up,down,lm_head, or all")
-    p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
-    p.add_argument("--adapter-prompt-length", type=int, default=10, help="LLaMA-Adapter: prompt tokens per layer")
-    p.add_argument("--adapter-start-layer", type=int, default=2, help="LLaMA-Adapter: first layer with a prompt")
-    p.add_argument("--eval-interval", type=int, default=100, help="steps between evaluations")
-    p.add_argument("--save-interval", type=int, default=1000, help="steps between resumable checkpoints")
-    p.add_argument("--resume", default=None, help="a checkpoint directory, or auto for the run's latest")
-    p.add_argument("--precision", default="auto", choices=["auto", "32-true", "bf16-mixed", "bf16-true"])
-    p.add_argument("--activation-checkpointing", action="store_true", help="trade compute for memory")
-    p.add_argument(
-        "--cpu-mmap-threshold",
-        type=int,
-        default=None,
-        help="CPU: return freed buffers of >= this many bytes to the system (e.g. 1048576: less RSS, maybe slower)",
-    )
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device", default=None)
-    p.add_argument(
-        "--devices", type=int, default=1, help="processes (GPUs) per node: DDP for LoRA/adapters, FSDP for full"
-    )
-    p.add_argument("--nodes", type=int, default=1, help="machines, each started with the same command")
-    p.add_argument(
-        "--prompt-style",
-        default=None,
-        choices=["alpaca", "chat"],
-        help="for raw data files (default: chat when the model has a chat template)",
-    )
-    p.add_argument("--no-mask-prompt", action="store_true", help="also train on the prompt tokens")
-    p.add_argument("--val-size", type=int, default=2000, help="validation samples split off a raw data file")
+# ------------------------------------------------------------------------------------------------
+# The parser
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+EXAMPLES = {
+    "download": "example:\n  lorafit download meta-llama/Llama-2-7b-hf",
+    "generate": 'example:\n  lorafit generate --adapter out/run-1 --prompt "Explain weight decay" --chat',
+    "chat": "example:\n  lorafit chat --adapter out/run-1 --system 'You are terse.'",
+    "prepare": "example:\n  lorafit prepare json --source my.jsonl --out data/mine",
+    "finetune": "example:\n  lorafit finetune lora --data data/alpaca --out out/run-1 --lora-r 16 --lora-targets all",
+    "merge": "example:\n  lorafit merge out/run-1 --out out/merged --dtype bfloat16",
+    "estimate": "example:\n  lorafit estimate lora --checkpoint llama-2-7b --micro-batch-size 4 --precision bf16-true",
+    "demo": "example:\n  lorafit demo --quick",
+}
+
+
+def add_command(commands: Any, name: str, help: str, recipe: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    return commands.add_parser(
+        name, parents=[recipe], help=help, description=help, epilog=EXAMPLES.get(name), formatter_class=HelpFormatter
+    )
+
+
+def add_model_arguments(leaf: Leaf) -> None:
+    leaf.add("--checkpoint", default=None, help=CHECKPOINT_HELP)
+    leaf.add("--adapter", default=None, help="a finetuning run directory (or PEFT adapter) to apply")
+    dtypes = ["float32", "bfloat16", "float16"]
+    leaf.add("--dtype", default=None, choices=dtypes, help="weight dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    leaf.add("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    compile_help = "decode through a torch.compile'd step: faster on CPU after a one-time compile of about a minute"
+    leaf.add("--compile", action="store_true", help=compile_help)
+
+
+def add_sampling_arguments(leaf: Leaf, max_new_tokens: int) -> None:
+    leaf.add("--temperature", type=float, default=0.0, help="0 = greedy")
+    leaf.add("--top-k", type=positive_int, default=None, help="sample among the k most likely tokens")
+    leaf.add("--top-p", type=float, default=None, help="sample among the most likely tokens of this total mass")
+    leaf.add("--seed", type=int, default=None, help="seed for sampling")
+    leaf.add("--max-new-tokens", type=positive_int, default=max_new_tokens, help="tokens to generate at most")
+
+
+def add_method_commands(
+    parent: argparse.ArgumentParser, recipe: argparse.ArgumentParser, leaves: dict, command: str, build: Callable
+) -> None:
+    """One sub-command per registered method, each with the shared flags (build) and the method's own."""
+    from lorafit.methods import METHODS
+
+    methods = parent.add_subparsers(dest="method", required=True, metavar="METHOD")
+    for method in METHODS.values():
+        p = add_command(methods, method.name, method.summary, recipe)
+        p.epilog = EXAMPLES.get(command)
+        leaf = Leaf(p)
+        build(leaf)
+        if method.config_class is not None:
+            leaf.add_dataclass(method.config_class, method.flag_prefix)
+        leaves[(command, method.name)] = leaf
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[tuple[str, str | None], Leaf]]:
+    """The parser, and each command's Leaf by (command, method or None)."""
+    from lorafit.finetune import DataOptions
+    from lorafit.train import TrainConfig
+
     parser = argparse.ArgumentParser(prog="lorafit", description="Finetune LLaMA-family models cheaply.")
+    parser.add_argument("--version", action="version", version=f"lorafit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or LORAFIT_DEBUG=1)")
     recipe = argparse.ArgumentParser(add_help=False)
-    recipe.add_argument(
-        "--config", default=None, help="a YAML recipe whose keys (flag names) set this command's defaults"
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
+    recipe.add_argument("--config", default=None, help="a YAML recipe whose keys (flag names) set this command's flags")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    leaves: dict[tuple[str, str | None], Leaf] = {}
 
-    p = commands.add_parser("download", parents=[recipe], help="fetch a model into the cache and make it ready to load")
-    p.add_argument("name", help="smollm2-135m-instruct (the embedded default), a known name or an HF repo id")
-    p.add_argument("--token", default=None, help="Hugging Face token (default: $HF_TOKEN)")
-    p.set_defaults(handler=cmd_download)
+    def leaf(name: str, help: str, handler: Callable, required: tuple[str, ...] = ()) -> Leaf:
+        p = add_command(commands, name, help, recipe)
+        p.set_defaults(handler=handler)
+        leaves[(name, None)] = made = Leaf(p, required=required)
+        return made
 
-    p = commands.add_parser("generate", parents=[recipe], help="complete a prompt, streaming the text")
-    add_model_arguments(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    add_sampling_arguments(p, max_new_tokens=128)
-    p.set_defaults(handler=cmd_generate)
+    cmd = leaf("download", "fetch a model into the cache and make it ready to load", cmd_download)
+    cmd.add("name", help="smollm2-135m-instruct (the embedded default), a known name or an HF repo id")
+    cmd.add("--token", default=None, help="Hugging Face token (default: $HF_TOKEN)")
 
-    p = commands.add_parser("chat", parents=[recipe], help="talk with the model, multi-turn")
-    add_model_arguments(p)
-    p.add_argument("--system", default=None, help="a system message")
-    add_sampling_arguments(p, max_new_tokens=512)
-    p.set_defaults(handler=cmd_chat)
+    cmd = leaf("generate", "complete a prompt, streaming the text", cmd_generate, required=("prompt",))
+    add_model_arguments(cmd)
+    cmd.add("--prompt", default=None, help="the text to complete")
+    cmd.add("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    add_sampling_arguments(cmd, max_new_tokens=128)
 
-    p = commands.add_parser(
-        "prepare", parents=[recipe], help="tokenise an instruction dataset (prompt masked) for finetuning"
-    )
-    p.add_argument("dataset", choices=["alpaca", "dolly", "json"])
-    p.add_argument("--source", default=None, help="a file or URL (default: the dataset's public download)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--checkpoint", default=None, help="whose tokenizer and chat template to use; " + CHECKPOINT_HELP)
-    p.add_argument("--max-seq-length", type=int, default=256)
-    p.add_argument("--val-size", type=int, default=None, help="default: 2000 for alpaca, else 0")
-    p.add_argument("--prompt-style", default=None, choices=["alpaca", "chat"])
-    p.add_argument("--no-mask-prompt", action="store_true")
-    p.add_argument("--seed", type=int, default=42)
-    p.set_defaults(handler=cmd_prepare)
+    cmd = leaf("chat", "talk with the model, multi-turn (reads stdin)", cmd_chat)
+    add_model_arguments(cmd)
+    cmd.add("--system", default=None, help="a system message")
+    add_sampling_arguments(cmd, max_new_tokens=512)
 
-    p = commands.add_parser(
-        "finetune", parents=[recipe], help="finetune with LoRA (or all weights) on instruction data"
-    )
-    add_finetune_arguments(p)
-    p.set_defaults(handler=cmd_finetune)
+    cmd = leaf("prepare", "tokenise an instruction dataset (prompt masked) for finetuning", cmd_prepare, ("out",))
+    cmd.add("dataset", choices=["alpaca", "dolly", "json"], help="a public dataset, or json for your own file")
+    cmd.add("--source", default=None, help="a file or URL (default: the dataset's public download)")
+    cmd.add("--out", default=None, help="the prepared directory to write")
+    cmd.add("--checkpoint", default=None, help="whose tokenizer and chat template to use; " + CHECKPOINT_HELP)
+    cmd.add_dataclass(TrainConfig, only=("max_seq_length", "seed"))
+    cmd.add_dataclass(DataOptions, only=("prompt_style", "mask_prompt", "val_size"))
 
-    p = commands.add_parser(
-        "merge",
-        parents=[recipe],
-        help="fold a LoRA (or LLaMA-Adapter v2) run into its base model, written in Hugging Face format",
-    )
-    p.add_argument("run", help="a finetuning run directory or PEFT adapter directory")
-    p.add_argument("--out", required=True)
-    p.add_argument("--checkpoint", default=None, help="the base model (default: the one the run names)")
-    p.set_defaults(handler=cmd_merge)
+    def finetune_flags(leaf: Leaf) -> None:
+        leaf.add("--checkpoint", default=None, help="the base model: " + CHECKPOINT_HELP)
+        leaf.add("--data", default=None, help="a prepared directory (lorafit prepare) or a JSON/JSONL file")
+        leaf.add("--out", default=None, help="run directory: adapter, metrics, loss.png, checkpoints")
+        leaf.add("--resume", default=None, help="auto (the run's latest checkpoint) or a checkpoint directory")
+        leaf.add("--overwrite", action="store_true", help="delete what --out holds and start afresh")
+        leaf.add("--device", default=None, help="cpu or cuda (default: cuda when available)")
+        leaf.add("--devices", type=positive_int, default=1, help="processes (GPUs) per node")
+        leaf.add("--nodes", type=positive_int, default=1, help="machines, each started with the same command")
+        leaf.add_dataclass(TrainConfig)
+        leaf.add_dataclass(DataOptions)
+        leaf.required = ("data", "out")
 
-    from lorafit.estimate import METHODS as ESTIMATE_METHODS
-    from lorafit.estimate import PRECISIONS
+    finetune = add_command(commands, "finetune", "finetune a model on instruction data", recipe)
+    finetune.set_defaults(handler=cmd_finetune)
+    add_method_commands(finetune, recipe, leaves, "finetune", finetune_flags)
 
-    p = commands.add_parser("estimate", parents=[recipe], help="predict the peak memory of a finetuning run")
-    p.add_argument("--model", required=True, help="a known model name (e.g. llama-2-7b) or a checkpoint directory")
-    p.add_argument("--method", choices=ESTIMATE_METHODS, default="lora")
-    p.add_argument("--micro-batch-size", "--micro-batch", type=int, default=4)
-    p.add_argument("--max-seq-length", type=int, default=256)
-    p.add_argument("--precision", choices=PRECISIONS, default="bf16-true")
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
-    p.add_argument("--lora-targets", default="q,v", help="comma-separated among q,k,v,o,gate,up,down,lm_head, or all")
-    p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument(
-        "--supervised-fraction",
-        type=float,
-        default=1.0,
-        help="share of positions with a label (masked prompts lower it)",
-    )
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    p.set_defaults(handler=cmd_estimate)
+    cmd = leaf("merge", "fold a finetuning run into its base model (Hugging Face format)", cmd_merge, ("out",))
+    cmd.add("run", help="a finetuning run directory or PEFT adapter directory")
+    cmd.add("--out", default=None, help="the merged model directory to write")
+    cmd.add("--checkpoint", default=None, help="the base model (default: the one the run names)")
+    cmd.add("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the base's dtype")
 
-    p = commands.add_parser(
-        "demo", parents=[recipe], help="the whole story on the default model: measure, LoRA-finetune, measure"
-    )
-    p.add_argument("--out", default="out/demo")
-    p.add_argument("--quick", action="store_true", help="a smaller, faster run")
-    p.set_defaults(handler=cmd_demo)
-    return parser, commands.choices
+    def estimate_flags(leaf: Leaf) -> None:
+        leaf.add("--checkpoint", default=None, help="the model: " + CHECKPOINT_HELP)
+        only = ("micro_batch_size", "max_seq_length", "precision", "activation_checkpointing")
+        leaf.add_dataclass(TrainConfig, only=only)
+        leaf.add("--supervised-fraction", type=float, default=1.0, help="share of positions with a label")
+        leaf.add("--device", choices=["cuda", "cpu"], default="cuda", help="where the run would train")
+
+    estimate = add_command(commands, "estimate", "predict the peak memory of a finetuning run", recipe)
+    estimate.set_defaults(handler=cmd_estimate)
+    add_method_commands(estimate, recipe, leaves, "estimate", estimate_flags)
+
+    cmd = leaf("demo", "the whole story on the default model: measure, LoRA-finetune, measure", cmd_demo)
+    cmd.add("--out", default="out/demo", help="where the demo's run and results go")
+    cmd.add("--quick", action="store_true", help="a smaller, faster run")
+    return parser, leaves
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def read_recipe(path: str, leaf: Leaf, command: str) -> dict[str, Any]:
+    """A --config YAML file as flag values for `command`, keys checked and values converted like flags."""
+    try:
+        recipe = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise ValueError(f"--config {path}: {err.strerror or err}") from err
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from err
+    if recipe is None:
+        return {}
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{path}: a recipe is a mapping of flag names to values, not a {type(recipe).__name__}")
+    values = {str(k).replace("-", "_"): v for k, v in recipe.items()}
+    unknown = sorted(k for k in values if k not in leaf.converters or k in ("config", "help"))
+    if unknown:
+        raise ValueError(f"{path}: unknown keys for `lorafit {command}`: {', '.join(unknown)}")
+    for key, value in values.items():
+        convert = leaf.converters[key]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = ",".join(value)
+        if isinstance(value, str) and convert is not None:
+            try:
+                values[key] = convert(value)
+            except (ValueError, argparse.ArgumentTypeError) as err:
+                raise ValueError(f"{path}: {key}: {value!r} is not valid ({err})") from err
+    return values
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse argv; a `--config` YAML recipe supplies defaults (required ones too) that explicit flags override."""
+    """Parse argv; a `--config` YAML recipe supplies defaults that explicit flags override."""
     argv = sys.argv[1:] if argv is None else argv
-    parser, subparsers = build_parser()
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    recipe_path = pre.parse_known_args(argv)[0].config
-    command = next((a for a in argv if a in subparsers), None)
-    if recipe_path and command:
-        recipe = {k.replace("-", "_"): v for k, v in (yaml.safe_load(Path(recipe_path).read_text()) or {}).items()}
-        actions = {a.dest: a for a in subparsers[command]._actions}
-        unknown = sorted(k for k in recipe if k not in actions or k in ("help", "config"))
-        if unknown:
-            parser.error(f"{recipe_path}: unknown keys for `lorafit {command}`: {', '.join(unknown)}")
-        for key in recipe:
-            actions[key].required = False
-        subparsers[command].set_defaults(**recipe)
-    return parser.parse_args(argv)
+    parser, leaves = build_parser()
+    args = parser.parse_args(argv)
+    key = (args.command, getattr(args, "method", None))
+    leaf = leaves[key]
+    if args.config:
+        try:
+            recipe = read_recipe(args.config, leaf, " ".join(k for k in key if k))
+        except ValueError as err:
+            parser.error(str(err))
+        leaf.parser.set_defaults(**recipe)
+        args = parser.parse_args(argv)
+    missing = [dest for dest in leaf.required if getattr(args, dest, None) is None]
+    if missing:
+        flags = ", ".join("--" + d.replace("_", "-") for d in missing)
+        leaf.parser.error(f"the following arguments are required: {flags} (as flags or --config keys)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -383,7 +479,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except (ValueError, OSError, RuntimeError) as error:
-        # Bad input is reported in one line that names the file/field; LORAFIT_DEBUG=1 shows the traceback.
-        if os.environ.get("LORAFIT_DEBUG"):
+        # Bad input is reported in one line that names the file/field; --debug (or LORAFIT_DEBUG=1) shows
+        # the traceback. Any other exception is a bug and keeps its traceback.
+        if args.debug or os.environ.get("LORAFIT_DEBUG"):
             raise
-        sys.exit(f"lorafit {args.command}: error: {error}")
+        print(f"lorafit {args.command}: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -15,10 +15,11 @@ from lorafit.checkpoint import load_model
 from lorafit.data import format_prompt
 from lorafit.data.demo_task import make_contact_notes, score, split
 from lorafit.finetune import DataOptions, finetune
-from lorafit.generate import generate_batch, use_decode_layout
+from lorafit.generate import generate_batch
 from lorafit.hub import DEFAULT_MODEL, download
 from lorafit.lora import LoRAConfig, load_peft_adapter, merge_lora
 from lorafit.model import LLaMA
+from lorafit.runtime import use_decode_layout
 from lorafit.tokenizer import Tokenizer
 from lorafit.train import TrainConfig
 
@@ -108,6 +109,7 @@ def run_demo(out_dir: str | Path = "out/demo", config: DemoConfig | None = None)
         train_config,
         lora,
         DataOptions(prompt_style=style, val_size=cfg.n_val),
+        overwrite=True,
     )
 
     print(f"\n[3/3] the finetuned model (adapter loaded from {run_dir}) on the same held-out notes")

@@ -6,7 +6,8 @@ starts such workers itself for `--devices N`. Each optimizer step's micro-batche
 robin to the ranks, and the loss is normalised by the supervised tokens of the whole step, so the
 summed gradient equals the single-process one up to float summation order.
 
-Adapters (LoRA) train under DDP, which all-reduces only the trainable parameters' gradients; full
+Which strategy a run uses is its finetuning method's (Method.strategy): adapters (LoRA) train under
+DDP, which all-reduces only the trainable parameters' gradients; full
 finetuning shards parameters, gradients and optimizer state with FSDP2 (`fully_shard`, which also
 runs on the CPU with gloo).
 """
@@ -26,6 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+
+from lorafit.runtime import resolve_device
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -92,7 +95,7 @@ def main_first() -> Iterator[None]:
 
 def device_for(requested: str | None, env: Environment) -> torch.device:
     """The device this process trains on: its own GPU (cuda:LOCAL_RANK) when distributed on CUDA."""
-    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(requested)
     if device.type == "cuda" and env.world_size > 1:
         if env.local_rank >= torch.cuda.device_count():
             raise RuntimeError(
@@ -234,13 +237,6 @@ def all_reduce_sum(values: Sequence[float], device: torch.device) -> list[float]
 
 # ------------------------------------------------------------------------------------------------
 # Wrapping the model: DDP for adapters, FSDP2 for full finetuning.
-
-
-def strategy_for(model: nn.Module) -> str:
-    """'single' in one process; 'fsdp' when every parameter trains (full finetuning); else 'ddp'."""
-    if world_size() == 1:
-        return "single"
-    return "fsdp" if all(p.requires_grad for p in model.parameters()) else "ddp"
 
 
 def broadcast_trainable(model: nn.Module) -> None:

@@ -131,12 +131,12 @@ def count_parameters(config: Config, method: str, lora: LoRAConfig | None = None
 
 def _count_on_meta(config: Config, method: str, lora: LoRAConfig | None) -> tuple[int, int, int]:
     """Build the model on the meta device (no memory), set the method up, count."""
-    from lorafit.finetune import setup_method
+    from lorafit.methods import get_method
     from lorafit.model import LLaMA
 
     with torch.device("meta"):
         model = LLaMA(config)
-    setup_method(model, method, lora)
+    get_method(method).apply(model, lora)
     params = list(model.parameters())  # tied weights appear once
     trainable = [p.numel() for p in params if p.requires_grad]
     return sum(trainable), sum(p.numel() for p in params), max(trainable)

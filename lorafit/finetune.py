@@ -1,112 +1,57 @@
 """A finetuning run: base model + method + data -> a self-describing run directory.
 
-The method only decides which parameters exist and which train (and how the result is saved);
-every method goes through the one loop in train.py.
+The method (lorafit/methods/) decides which parameters exist and which train, and how the result is
+saved; every method goes through the one loop in train.py. The run directory belongs to this run
+(lorafit/rundir.py): locked while it trains, refused when it holds another run, resumed only with
+compatible settings.
 """
 
 from __future__ import annotations
 
+import copy
 import json
-from dataclasses import dataclass
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
 from lorafit import distributed
-from lorafit.adapter import METHODS as ADAPTER_METHODS
-from lorafit.adapter import (
-    AdapterConfig,
-    adapter_method,
-    apply_adapter,
-    base_state_dict,
-    fold_scales,
-    load_adapter,
-    save_adapter,
-)
-from lorafit.checkpoint import load_model, save_hf_model
-from lorafit.data import format_prompt, load_prepared, prepare_source
-from lorafit.data.prepare import read_info
+from lorafit.checkpoint import load_model
+from lorafit.data import load_prepared, prepare_source
+from lorafit.data.prepare import IGNORE_INDEX, TokenDataset, read_info
 from lorafit.hub import resolve_checkpoint
-from lorafit.lora import LoRAConfig, adapter_base_model, apply_lora, load_peft_adapter, merge_lora, save_peft_adapter
+from lorafit.methods import Method, get_method
 from lorafit.model import LLaMA
+from lorafit.rundir import RunDirectoryError, RunLock, check_resume, read_run_file, start_fresh, write_run_file
+from lorafit.runtime import resolve_precision, weights_dtype
 from lorafit.tokenizer import Tokenizer
 from lorafit.train import (
     TrainConfig,
     TrainResult,
-    gather_on_main,
+    checkpoint_state,
+    fit_to_data,
     latest_checkpoint,
     plot_losses,
-    resolve_precision,
+    total_steps,
     train,
 )
-
-METHODS = ("lora", "adapter", "adapter-v2", "full")
-RUN_FILE = "lorafit_run.json"
-SAMPLE_INSTRUCTION = "Recommend a movie for me to watch during the weekend and explain the reason."
 
 
 @dataclass
 class DataOptions:
     """How a raw data file becomes training samples (ignored for an already prepared directory)."""
 
-    prompt_style: str | None = None
-    """alpaca or chat; default: chat when the model has a chat template."""
+    prompt_style: Literal["alpaca", "chat"] | None = None
+    """Prompt template; default: chat when the model has a chat template, else alpaca."""
     mask_prompt: bool = True
-    val_size: int = 2000
-    fmt: str | None = None
-    """alpaca or dolly field names; default: detected."""
-
-
-def setup_method(model: LLaMA, method: str, lora: LoRAConfig | None, adapter: AdapterConfig | None = None) -> int:
-    """Add the method's parameters and freeze the rest; returns the trainable parameter count."""
-    if method == "lora":
-        return apply_lora(model, lora or LoRAConfig())
-    if method in ADAPTER_METHODS:
-        return apply_adapter(model, method, adapter or AdapterConfig())
-    if method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return sum(p.numel() for p in model.parameters())
-    raise ValueError(f"unknown finetuning method {method!r}; choose one of {', '.join(METHODS)}")
-
-
-def save_hf_directory(
-    model: LLaMA, base: Path, out_dir: Path, state_dict: dict[str, torch.Tensor] | None = None
-) -> None:
-    """A Hugging Face model directory: weights and config, plus the base model's tokenizer and generation config.
-
-    state_dict replaces the model's own (e.g. whole tensors gathered from FSDP shards).
-    """
-    save_hf_model(model.state_dict() if state_dict is None else state_dict, model.config, out_dir)
-    Tokenizer.from_checkpoint(base).save(out_dir)
-    if (base / "generation_config.json").is_file():
-        (out_dir / "generation_config.json").write_text((base / "generation_config.json").read_text())
-
-
-def save_method_outputs(
-    model: LLaMA,
-    method: str,
-    lora: LoRAConfig | None,
-    run_dir: Path,
-    base: str,
-    adapter: AdapterConfig | None = None,
-) -> None:
-    """LoRA: a PEFT adapter in the run directory. LLaMA-Adapter: adapter.safetensors + adapter_config.json there.
-    Full: a Hugging Face model in run_dir/model.
-
-    Under torch.distributed every rank calls it (FSDP shards are gathered) and rank 0 writes.
-    """
-    if method == "lora":
-        if distributed.is_main():  # DDP keeps whole, identical LoRA weights on every rank
-            save_peft_adapter(model, lora, run_dir, base_model_name_or_path=base)
-        return
-    if method in ADAPTER_METHODS:
-        if distributed.is_main():  # as with LoRA: DDP, whole weights on every rank
-            save_adapter(model, method, adapter or AdapterConfig(), run_dir, base_model_name_or_path=base)
-        return
-    state = gather_on_main(model.state_dict().items())
-    if distributed.is_main():
-        save_hf_directory(model, Path(base), run_dir / "model", state)
+    """Train on the answers only: the prompt's tokens get no loss."""
+    val_size: int | None = None
+    """Validation samples split off a raw data file; default: min(2000, a tenth of the records)."""
+    data_format: Literal["alpaca", "dolly"] | None = None
+    """Field names of the records; default: detected."""
 
 
 def prepare_data(
@@ -119,7 +64,7 @@ def prepare_data(
         data,
         tokenizer,
         run_dir / "data",
-        fmt=options.fmt,
+        fmt=options.data_format,
         style=options.prompt_style,
         max_seq_length=max_seq_length,
         mask_prompt=options.mask_prompt,
@@ -135,107 +80,140 @@ def prepare_data(
 
 
 def finetune(
-    method: str,
+    method: str | Method,
     data: str | Path,
     run_dir: str | Path,
     checkpoint: str | Path | None = None,
     train_config: TrainConfig | None = None,
-    lora: LoRAConfig | None = None,
+    method_config: Any = None,
     data_options: DataOptions | None = None,
     resume: str | Path | None = None,
+    overwrite: bool = False,
     device: str | None = None,
     progress: bool = True,
     devices: int = 1,
     nodes: int = 1,
-    adapter: AdapterConfig | None = None,
 ) -> TrainResult:
-    """Finetune `checkpoint` on `data` with `method` (lora, adapter, adapter-v2, full); everything lands in run_dir.
+    """Finetune `checkpoint` on `data` with `method` (a name in lorafit.methods.METHODS); everything lands in run_dir.
 
-    devices × nodes > 1 runs this same call in that many processes (DDP for LoRA and LLaMA-Adapter, FSDP2 for full
-    finetuning); under torchrun the environment says so and nothing is launched here.
+    A fresh run needs an empty run_dir (overwrite=True clears it); resume ("auto" or a checkpoint path)
+    continues the run run_dir holds. devices × nodes > 1 runs this same call in that many processes
+    (the method's strategy: DDP or FSDP2); under torchrun the environment says so and nothing is launched here.
     """
     arguments = dict(locals())  # exactly this call, for the workers to repeat
+    if resume is not None and overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite deletes it: choose one")
     if distributed.should_launch(devices, nodes):
         cfg = train_config or TrainConfig()
         distributed.check_batch_layout(cfg.global_batch_size, cfg.micro_batch_size, devices * nodes)
         return distributed.launch(finetune, arguments, devices, nodes)
     device = distributed.device_for(device, distributed.environment())
     with distributed.process_group(device):
-        return finetune_here(
-            method, data, run_dir, checkpoint, train_config, lora, data_options, resume, device, progress, adapter
-        )
+        run_dir = Path(run_dir).absolute()
+        # Rank 0 holds the run directory's lock for the whole run; the other ranks work under it.
+        with RunLock(run_dir) if distributed.is_main() else nullcontext():
+            return finetune_here(
+                get_method(method),
+                data,
+                run_dir,
+                checkpoint,
+                copy.deepcopy(train_config or TrainConfig()),
+                method_config,
+                data_options or DataOptions(),
+                resume,
+                overwrite,
+                device,
+                progress,
+            )
 
 
 def finetune_here(
-    method: str,
+    method: Method,
     data: str | Path,
-    run_dir: str | Path,
+    run_dir: Path,
     checkpoint: str | Path | None,
-    train_config: TrainConfig | None,
-    lora: LoRAConfig | None,
-    data_options: DataOptions | None,
+    cfg: TrainConfig,
+    method_config: Any,
+    data_options: DataOptions,
     resume: str | Path | None,
+    overwrite: bool,
     device: torch.device,
     progress: bool,
-    adapter: AdapterConfig | None = None,
 ) -> TrainResult:
     """finetune() in this process, which may be one of several in a process group."""
-    cfg = train_config or TrainConfig()
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    method_config = method.default_config() if method_config is None else method_config
     cfg.precision = resolve_precision(cfg.precision, device)  # needed here to pick the weights' dtype
-    base = resolve_checkpoint(checkpoint)
+    base = resolve_checkpoint(checkpoint).absolute()
     tokenizer = Tokenizer.from_checkpoint(base)
-    with distributed.main_first():  # rank 0 prepares the data, the others then find it cached
-        data_dir = prepare_data(data, tokenizer, run_dir, cfg.max_seq_length, data_options or DataOptions(), cfg.seed)
+    saved, run_id = None, None
+    with distributed.main_first():  # rank 0 claims the directory and prepares the data; the others then find it
+        if distributed.is_main():
+            saved = read_run_file(run_dir) if resume is not None else None
+            if saved is None:
+                run_id = start_fresh(run_dir, overwrite)
+        data_dir = prepare_data(data, tokenizer, run_dir, cfg.max_seq_length, data_options, cfg.seed)
     train_set, val_set = load_prepared(data_dir)
-    prompt_style = read_info(data_dir).prompt_style
+    info = read_info(data_dir)
+    for note in fit_to_data(cfg, len(train_set), distributed.world_size()):
+        distributed.print_main(f"note: {note}")
 
-    dtype = torch.bfloat16 if cfg.precision == "bf16-true" else torch.float32
-    model = load_model(base, dtype=dtype, device=device)
-    trainable = setup_method(model, method, lora, adapter)
-    total = sum(p.numel() for p in model.parameters() if not p.requires_grad) + trainable
-    share = f"{100 * trainable / total:.3f}%"
-    distributed.print_main(f"{method}: {trainable:,} trainable parameters of {total:,} ({share})")
-
+    fields = {
+        "method": method.name,
+        method.name: asdict(method_config) if method_config is not None else None,
+        "base_checkpoint": str(base),
+        "data": str(Path(data_dir).absolute()),
+        "data_fingerprint": info.cache_key,
+        "prompt_style": info.prompt_style,
+        "train": asdict(cfg),
+    }
+    fields = json.loads(json.dumps(fields))  # as the run file holds them (tuples become lists), for check_resume
     resume_path = None
-    if resume == "auto":
-        resume_path = latest_checkpoint(run_dir)
-    elif resume is not None:
-        resume_path = Path(resume)
     if distributed.is_main():
-        write_run_file(
-            run_dir,
-            method=method,
-            base_checkpoint=str(base),
-            data=str(data_dir),
-            prompt_style=prompt_style,
-            train=vars(cfg),
-            lora=vars(lora or LoRAConfig()) if method == "lora" else None,
-            adapter=vars(adapter or AdapterConfig()) if method in ADAPTER_METHODS else None,
-        )
+        if saved is None:
+            fields |= {"run_id": run_id, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        else:
+            for note in check_resume(saved, fields, run_dir):
+                print(f"resume: {note}")
+            fields |= {"run_id": saved["run_id"], "started": saved.get("started")}
+            resume_path = checkpoint_to_resume(run_dir, resume, saved["run_id"], total_steps(cfg, len(train_set)))
+        write_run_file(run_dir, fields)
+    distributed.barrier()
+    if not distributed.is_main():  # the others follow rank 0's decisions, read back from the shared directory
+        fields = read_run_file(run_dir)
+        resume_path = None if resume is None else checkpoint_to_resume(run_dir, resume, fields["run_id"], None)
 
-    sample_prompt = tokenizer.encode(format_prompt(SAMPLE_INSTRUCTION, "", prompt_style, tokenizer))
-
-    def show_sample(step: int, val_loss: float) -> None:
-        from lorafit.generate import generate
-
-        model.eval()
-        ids = list(generate(model, sample_prompt, max_new_tokens=48, stop_ids=tokenizer.stop_ids))
-        model.clear_kv_cache()  # training must not run through a decoding cache
-        model.train()
-        text = tokenizer.decode(ids, skip_special_tokens=True).strip().replace("\n", " ")
-        print(f"\nstep {step}: val loss {val_loss:.4f}; sample: {text[:200]}")
-
-    pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
-    # Sampling runs on rank 0 alone, which cannot run a model whose weights FSDP shards over all ranks.
-    on_eval = show_sample if distributed.strategy_for(model) != "fsdp" else None
-    result = train(
-        model, train_set, val_set, cfg, run_dir, pad_id, resume=resume_path, on_eval=on_eval, progress=progress
+    torch.manual_seed(cfg.seed)  # the method's initialisation (LoRA's A) and dropout follow --seed
+    model = load_model(base, dtype=weights_dtype(cfg.precision), device=device)
+    trainable = method.apply(model, method_config)
+    total = sum(p.numel() for p in model.parameters() if not p.requires_grad) + trainable
+    distributed.print_main(
+        f"{method.name}{f' ({method.describe(method_config)})' if method.describe(method_config) else ''}: "
+        f"{trainable:,} trainable parameters of {total:,} "
+        f"({100 * trainable / total:.3f}%)"
     )
-    save_method_outputs(model, method, lora or LoRAConfig(), run_dir, str(base), adapter)
+
+    # Sampling runs on rank 0 alone, which cannot run a model whose weights FSDP shards over all ranks.
+    sample = held_out_sample(val_set if len(val_set) else train_set)
+    on_eval = None
+    if method.strategy != "fsdp" or distributed.world_size() == 1:
+        on_eval = sample_printer(model, tokenizer, *sample)
+    result = train(
+        model,
+        train_set,
+        val_set,
+        cfg,
+        run_dir,
+        tokenizer.eos_id if tokenizer.eos_id is not None else 0,
+        resume=resume_path,
+        on_eval=on_eval,
+        progress=progress,
+        strategy=method.strategy,
+        fused_head=method.fused_head(method_config),
+        run_id=fields["run_id"],
+    )
+    method.save(model, method_config, run_dir, base, base_reference=str(base))
     if distributed.is_main():
-        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{method} on {Path(str(data)).name}")
+        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{method.name} on {Path(str(data)).name}")
         print(
             f"done: {result.steps} steps in {result.seconds:.0f} s, {result.tokens_per_s:.0f} tokens/s, "
             f"peak memory {result.peak_memory_bytes / 2**30:.2f} GiB; outputs in {run_dir}"
@@ -244,44 +222,49 @@ def finetune_here(
     return result
 
 
-def write_run_file(run_dir: Path, **fields) -> None:
-    """What generate/merge need to use the run: method, base checkpoint, prompt style, hyperparameters."""
-    tmp = run_dir / (RUN_FILE + ".tmp")
-    tmp.write_text(json.dumps(fields, indent=2, default=str))
-    tmp.replace(run_dir / RUN_FILE)
-
-
-def read_run_file(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / RUN_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: not a lorafit run directory (no {RUN_FILE})")
-    return json.loads(path.read_text())
-
-
-def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
-    """Fold an adapter into its base model and write a Hugging Face model directory.
-
-    LoRA folds completely. LLaMA-Adapter v2 folds its scales and norms; the rest (prompts, gates,
-    biases: a Llama checkpoint has no place for them) is written to out_dir/adapter, an adapter over
-    the merged model. v1 has nothing that folds, so it is refused.
-    """
-    method = adapter_method(adapter_dir)
-    if method == "adapter":
-        raise ValueError(
-            f"{adapter_dir}: a LLaMA-Adapter (v1) run has nothing to fold into the base weights (its prompts and "
-            "gates need the adapter's attention); use it with --adapter instead"
+def checkpoint_to_resume(run_dir: Path, resume: str | Path, run_id: str, n_steps: int | None) -> Path:
+    """The checkpoint a resume starts from, checked to belong to this run and to lie within its schedule."""
+    path = latest_checkpoint(run_dir) if str(resume) == "auto" else Path(resume)
+    if path is None:
+        raise RunDirectoryError(
+            f"{run_dir}: no checkpoint to resume from in {run_dir / 'checkpoints'} (checkpoints are written every "
+            "--save-interval steps and at the end)"
         )
-    base = resolve_checkpoint(checkpoint or adapter_base_model(adapter_dir))
-    model = load_model(base)
-    out_dir = Path(out_dir)
-    if method == "lora":
-        load_peft_adapter(model, adapter_dir)
-        merge_lora(model)
-        save_hf_directory(model, base, out_dir)
-        return out_dir
-    _, config = load_adapter(model, adapter_dir)
-    fold_scales(model)
-    save_hf_directory(model, base, out_dir, base_state_dict(model))
-    # A subdirectory: an adapter_config.json beside config.json would make transformers look for a PEFT adapter.
-    save_adapter(model, method, config, out_dir / "adapter", base_model_name_or_path=str(out_dir.resolve()))
-    return out_dir
+    state = checkpoint_state(path)
+    if state.get("run_id") != run_id:
+        raise RunDirectoryError(f"{path}: this checkpoint belongs to another run than the one in {run_dir}")
+    if n_steps is not None and state["step"] >= n_steps:
+        finished = state["step"] == n_steps
+        raise RunDirectoryError(
+            f"{path}: the run {'already finished' if finished else 'went beyond'} step {n_steps} "
+            f"(checkpoint at step {state['step']}); nothing to resume. To train on, ask for more steps "
+            "(--max-steps or --epochs)"
+        )
+    return path
+
+
+def held_out_sample(dataset: TokenDataset) -> tuple[list[int], list[int]]:
+    """(prompt ids, reference answer ids) of the dataset's first record: the tokens before and after its first label."""
+    input_ids, labels = dataset[0]
+    supervised = (labels != IGNORE_INDEX).nonzero()
+    start = int(supervised[0]) if len(supervised) else len(input_ids)
+    return input_ids[:start].tolist(), input_ids[start:].tolist()
+
+
+def sample_printer(model: LLaMA, tokenizer: Tokenizer, prompt: list[int], reference: list[int]):
+    """An on_eval callback that prints the model's greedy answer to a held-out record beside the reference."""
+    from lorafit.generate import generate
+
+    def clean(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True).strip().replace("\n", " ")[:200]
+
+    def show(step: int, val_loss: float) -> None:
+        model.eval()
+        ids = list(generate(model, prompt, max_new_tokens=64, stop_ids=tokenizer.stop_ids))
+        model.clear_kv_cache()  # training must not run through a decoding cache
+        model.train()
+        print(f"\nstep {step}: val loss {val_loss:.4f}")
+        print(f"  held-out answer: {clean(ids)}")
+        print(f"  reference:       {clean(reference)}")
+
+    return show

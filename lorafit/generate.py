@@ -7,7 +7,6 @@ object a Python user loads once and asks questions.
 
 from __future__ import annotations
 
-import resource
 import sys
 import time
 import weakref
@@ -19,6 +18,7 @@ from typing import Protocol
 import torch
 
 from lorafit.model import LLaMA
+from lorafit.runtime import allow_matvec_reductions, peak_memory_bytes, resolve_device, resolve_dtype, use_decode_layout
 
 # KV caches grow in steps of this many positions, so a chat's growing prompt rarely reallocates.
 CACHE_STEP = 256
@@ -82,26 +82,6 @@ def ensure_kv_cache(model: LLaMA, length: int) -> None:
         model.setup_kv_cache(1, -(-length // CACHE_STEP) * CACHE_STEP)
 
 
-def use_decode_layout(model: torch.nn.Module) -> None:
-    """Store each linear weight on the CPU column-major: same values, shapes and names, faster one-token steps.
-
-    Multiplying one token by a (out, in) row-major weight reaches about half the memory bandwidth in
-    MKL that the transposed layout does (measured: 8.4 vs 16.3 GB/s in float32), and decoding is
-    bandwidth-bound. Prefill and training are unaffected; only a saver that needs contiguous
-    tensors must call .contiguous() first.
-    """
-    seen: set[int] = set()
-    with torch.no_grad():
-        for module in model.modules():
-            weight = getattr(module, "weight", None)
-            if not isinstance(module, torch.nn.Linear) or weight is None or id(weight) in seen:
-                continue
-            seen.add(id(weight))
-            if weight.device.type == "cpu" and weight.dim() == 2 and weight.is_contiguous():
-                # Assigning .data keeps the Parameter object, so tied weights stay tied.
-                weight.data = weight.data.t().contiguous().t()
-
-
 @dataclass
 class GenerationStats:
     """How one generation went: sizes, latency, throughput and memory."""
@@ -120,16 +100,6 @@ class GenerationStats:
             f"first token after {self.time_to_first_token_s * 1000:.0f} ms, "
             f"decode {self.decode_tokens_per_s:.1f} tokens/s; peak memory {self.peak_memory_bytes / 2**30:.2f} GiB"
         )
-
-
-def peak_memory_bytes(device: torch.device | str) -> int:
-    """Peak memory so far: allocated tensors on CUDA, the process's peak resident set size on the CPU."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports kilobytes, macOS bytes.
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 @torch.inference_mode()
@@ -268,20 +238,6 @@ def compiled_decode_step(model: LLaMA) -> Callable[..., torch.Tensor]:
     return _compiled_steps[model]
 
 
-def allow_matvec_reductions() -> None:
-    """Turn on inductor's pass that rewrites (1 x k) @ (k x n) products as reductions, for any k and n.
-
-    The pass limits itself on the CPU to n, k <= 2048 (a Llama projection or LM head is wider); the
-    limit is a module attribute it reads at compile time. This changes inductor's settings for the
-    whole process.
-    """
-    from torch._inductor import config
-    from torch._inductor.fx_passes import decompose_mem_bound_mm
-
-    config.post_grad_fusion_options.setdefault("decompose_mm_pass", {})
-    decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = sys.maxsize
-
-
 class _Decodes(Protocol):
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str: ...
 
@@ -346,34 +302,26 @@ class LLM:
         device: torch.device | str | None = None,
         compile: bool = False,
     ) -> LLM:
-        """Load a checkpoint (path, known name, HF repo id) and optionally an adapter: a LoRA run or PEFT
-        adapter, or a LLaMA-Adapter (v1/v2) run.
+        """Load a checkpoint (path, known name, HF repo id) and optionally a finetuning run on it (a LoRA run or
+        PEFT adapter, a LLaMA-Adapter run, a full finetune).
 
         Without a checkpoint: the adapter's base model, else the embedded default model. compile=True
         decodes through compiled_decode_step (the first answer waits for the compilation).
         """
-        from lorafit.adapter import adapter_method, load_adapter
         from lorafit.checkpoint import load_model
         from lorafit.hub import resolve_checkpoint
-        from lorafit.lora import adapter_base_model
+        from lorafit.methods import load_run
         from lorafit.tokenizer import Tokenizer
 
-        if checkpoint is None and adapter is not None:
-            checkpoint = adapter_base_model(adapter)
-        path = resolve_checkpoint(checkpoint)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        model = load_model(path, dtype=dtype, device=device)
-        if adapter is not None and adapter_method(adapter) == "lora":
-            from lorafit.lora import load_peft_adapter, merge_lora
-
-            load_peft_adapter(model, adapter)
-            # Folded into the base weights, the adapter costs nothing per token.
-            merge_lora(model)
-            model.to(dtype)
-        elif adapter is not None:
-            # LLaMA-Adapter stays a live module; its prompt's keys/values are computed once and reused while decoding.
-            load_adapter(model, adapter)
+        if adapter is None:
+            path = resolve_checkpoint(checkpoint)
+            model = load_model(path, dtype=dtype, device=device)
+        else:
+            model, path, method = load_run(adapter, checkpoint, dtype, device)
+            # LoRA folds into the weights; LLaMA-Adapter stays live, its prompt's keys/values computed once.
+            method.prepare_for_inference(model)
         if not compile:
             use_decode_layout(model)  # the compiled step reads row-major weights best
         return cls(model, Tokenizer.from_checkpoint(path), compile)
@@ -450,22 +398,3 @@ class LLM:
                 break
             n += 1
         return n
-
-
-def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    """A torch dtype from a name ("float32", "bf16", ...); None: bfloat16 on GPUs, float32 on CPUs."""
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-    }
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(names)}")
-    return names[dtype]

@@ -10,17 +10,14 @@ same loop runs in every process, each taking its share of every step's micro-bat
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
-import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +28,11 @@ from tqdm import tqdm
 
 from lorafit import distributed
 from lorafit.data.batching import BatchPlan, collate
+from lorafit.data.prepare import IGNORE_INDEX
+from lorafit.io import atomic_directory, write_text
 from lorafit.model import LLaMA
 from lorafit.ops import linear_cross_entropy_sum
-
-IGNORE_INDEX = -100
+from lorafit.runtime import autocast, peak_memory_bytes, release_large_buffers, resolve_precision
 
 
 @dataclass
@@ -42,52 +40,105 @@ class TrainConfig:
     """Hyperparameters of one run; defaults follow lit-llama's LoRA recipe."""
 
     epochs: int = 1
+    """Passes over the training data (unless max_steps is set)."""
     max_steps: int | None = None
     """Optimizer steps to run; overrides epochs when set."""
     micro_batch_size: int = 4
+    """Samples per forward/backward pass."""
     global_batch_size: int = 128
     """Samples per optimizer step (micro-batches are accumulated up to it)."""
     learning_rate: float = 3e-4
+    """Peak learning rate of AdamW."""
     weight_decay: float = 0.0
+    """AdamW weight decay, applied to matrices only."""
     warmup_steps: int = 100
+    """Steps of linear warm-up before the cosine decay."""
     min_lr_ratio: float = 0.0
     """The cosine schedule decays to learning_rate * min_lr_ratio."""
     grad_clip: float = 1.0
+    """Clip the gradient norm to this (0: no clipping)."""
     max_seq_length: int = 256
+    """Longer samples are truncated to this many tokens."""
     eval_interval: int = 100
     """Steps between evaluations (0: only at the end)."""
     eval_batches: int = 50
     """Micro-batches of validation data per evaluation (0: all)."""
     save_interval: int = 1000
-    """Steps between resumable checkpoints (0: never)."""
+    """Steps between resumable checkpoints (0: never); the last step is always saved when not 0."""
     keep_checkpoints: int = 2
-    precision: str = "auto"
-    """32-true, bf16-mixed or bf16-true; auto is bf16-mixed on CUDA and 32-true on CPU."""
+    """How many of the newest checkpoints to keep."""
+    precision: Literal["auto", "32-true", "bf16-mixed", "bf16-true"] = "auto"
+    """auto is bf16-mixed on CUDA and 32-true on the CPU."""
     activation_checkpointing: bool = False
+    """Recompute each block's activations in backward: less memory, about a third more compute."""
     cpu_mmap_threshold: int | None = None
     """On the CPU (glibc): buffers of at least this many bytes get their own memory mapping and go back to the
-    system when freed (see release_large_buffers); None leaves malloc's adaptive threshold. 1 MiB cut
-    benchmarks/train_cpu.py's peak RSS by a quarter at no measurable speed cost, but slowed the demo's
-    run (LoRA on every linear, batch 8) by 30%: every activation there is a fresh mapping."""
+    system when freed (runtime.release_large_buffers); None leaves malloc's adaptive threshold."""
     seed: int = 42
+    """Seeds the data order, the method's initialisation and dropout: the same command gives the same run."""
 
-    @property
-    def accumulation(self) -> int:
+    def __post_init__(self) -> None:
+        positive = ("epochs", "micro_batch_size", "global_batch_size", "max_seq_length", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        non_negative = ("warmup_steps", "eval_interval", "eval_batches", "save_interval", "weight_decay", "grad_clip")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1 (or unset to train whole epochs), got {self.max_steps}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be between 0 and 1, got {self.min_lr_ratio}")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"global_batch_size ({self.global_batch_size}) must be a multiple of "
                 f"micro_batch_size ({self.micro_batch_size})"
             )
+
+    @property
+    def accumulation(self) -> int:
         return self.global_batch_size // self.micro_batch_size
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """The concrete precision for 'auto': bf16 mixed on GPUs, float32 on CPUs (no fast bf16 there)."""
-    if precision == "auto":
-        return "bf16-mixed" if device.type == "cuda" else "32-true"
-    if precision not in ("32-true", "bf16-mixed", "bf16-true"):
-        raise ValueError(f"precision must be auto, 32-true, bf16-mixed or bf16-true; got {precision!r}")
-    return precision
+MIN_STEPS = 8
+"""A run adapted to small data (fit_to_data) gets at least this many optimizer steps where the data allows."""
+
+
+def fit_to_data(cfg: TrainConfig, n_samples: int, n_processes: int = 1) -> list[str]:
+    """Shrink the global batch and the warm-up to what the data allows; returns one line per change made.
+
+    With lit-llama's defaults (global batch 128, 100 warm-up steps) a 25-record file is one optimizer
+    step at a learning rate of 3e-6: nothing is learned. The global batch is halved (in whole
+    micro-batches on every process) until an epoch has MIN_STEPS steps, and the warm-up takes at
+    most half of the run, so every run reaches its peak learning rate.
+    """
+    notes = []
+    unit = cfg.micro_batch_size * n_processes
+    original = cfg.global_batch_size
+    while cfg.global_batch_size > unit and math.ceil(n_samples / cfg.global_batch_size) < MIN_STEPS:
+        cfg.global_batch_size = max(unit, (cfg.global_batch_size // 2) // unit * unit)
+    if cfg.global_batch_size != original:
+        notes.append(
+            f"{n_samples} training samples: global batch {original} -> {cfg.global_batch_size} "
+            f"so that an epoch has {math.ceil(n_samples / cfg.global_batch_size)} optimizer steps"
+        )
+    total = total_steps(cfg, n_samples)
+    if cfg.warmup_steps > total // 2:
+        warmup = max(1, total // 10) if total > 1 else 0
+        notes.append(f"warm-up {cfg.warmup_steps} -> {warmup} steps: the run has {total} optimizer steps")
+        cfg.warmup_steps = warmup
+    return notes
+
+
+def total_steps(cfg: TrainConfig, n_samples: int) -> int:
+    """Optimizer steps of the run: max_steps, else whole epochs of length-grouped micro-batches."""
+    if cfg.max_steps:
+        return cfg.max_steps
+    micro_batches = math.ceil(n_samples / cfg.micro_batch_size)
+    return cfg.epochs * math.ceil(micro_batches / cfg.accumulation)
 
 
 def learning_rate_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -104,22 +155,28 @@ LOSS_CHUNK = 128
 """Positions per LM-head + cross-entropy chunk: its float32 logits are the largest tensor of a small model's step."""
 
 
-def supervised_loss_sum(model: LLaMA, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def supervised_loss_sum(
+    model: LLaMA, input_ids: torch.Tensor, labels: torch.Tensor, fused_head: bool = True
+) -> torch.Tensor:
     """Summed next-token cross-entropy over supervised positions only.
 
     The LM head runs only where a label exists: with prompts masked and short answers that is a
     fraction of the positions, and for a small model the vocabulary projection is a large share of
     all the work. It runs LOSS_CHUNK positions at a time, so no (positions x vocabulary) float32
-    logits tensor ever exists, only one chunk's.
+    logits tensor ever exists, only one chunk's. `fused_head` (the method's Method.fused_head) says
+    the head is a plain linear layer, whose product with the loss is fused (ops.linear_cross_entropy_sum);
+    a head with trainable parts of its own (LoRA, LLaMA-Adapter v2) is run as a module, each chunk
+    recomputed in backward.
     """
     hidden = model.hidden_states(input_ids)[:, :-1]
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     hidden, targets = hidden[keep], targets[keep]
     head = model.lm_head
-    if type(head) is nn.Linear and head.bias is None:
+    if fused_head:
+        if type(head) is not nn.Linear or head.bias is not None:
+            raise ValueError(f"fused_head=True needs a plain bias-free nn.Linear LM head, not {type(head).__name__}")
         return linear_cross_entropy_sum(hidden, head.weight, targets, LOSS_CHUNK)
-    # A head with its own trainable parts (LoRA, LLaMA-Adapter v2): each chunk is recomputed in backward.
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, len(targets), LOSS_CHUNK):
         chunk = (head, hidden[start : start + LOSS_CHUNK], targets[start : start + LOSS_CHUNK])
@@ -134,12 +191,13 @@ def _head_loss_sum(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tens
 class SupervisedLoss(nn.Module):
     """supervised_loss_sum as a module's forward, the call that DDP and FSDP hook their communication into."""
 
-    def __init__(self, model: LLaMA) -> None:
+    def __init__(self, model: LLaMA, fused_head: bool = True) -> None:
         super().__init__()
         self.model = model
+        self.fused_head = fused_head
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return supervised_loss_sum(self.model, input_ids, labels)
+        return supervised_loss_sum(self.model, input_ids, labels, self.fused_head)
 
 
 def count_supervised(labels: torch.Tensor) -> int:
@@ -179,10 +237,11 @@ def gather_on_main(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, keep: int
+    run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, keep: int, run_id: str = ""
 ) -> Path:
     """Write trainable weights, optimizer state and RNG state for `step`; keep the newest `keep`.
 
+    The checkpoint carries the run's identity, so a resume never picks up another run's weights.
     Under torch.distributed every rank calls it and rank 0 writes.
     """
     final = run_dir / "checkpoints" / f"step-{step:06d}"
@@ -198,18 +257,26 @@ def save_checkpoint(
     tensors |= distributed.all_rng_states()
     if not distributed.is_main():
         return final
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable, tmp / "trainable.safetensors")
-    save_file(tensors, tmp / "optimizer.safetensors")
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    with atomic_directory(final, replace=True) as tmp:
+        save_file(trainable, tmp / "trainable.safetensors")
+        save_file(tensors, tmp / "optimizer.safetensors")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "run_id": run_id}))
     for old in sorted((run_dir / "checkpoints").glob("step-??????"))[: -max(keep, 1)]:
         shutil.rmtree(old)
     return final
+
+
+def checkpoint_state(path: Path) -> dict:
+    """trainer_state.json of a checkpoint: its step and the identity of the run that wrote it."""
+    for required in ("trainable.safetensors", "optimizer.safetensors", "trainer_state.json"):
+        if not (path / required).exists():
+            raise FileNotFoundError(f"{path}: not a lorafit checkpoint (missing {required})")
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+        int(state["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path / 'trainer_state.json'}: unreadable ({err})") from err
+    return state
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
@@ -217,9 +284,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
     Under torch.distributed every rank reads the files (the run directory must be shared).
     """
-    for required in ("trainable.safetensors", "optimizer.safetensors", "trainer_state.json"):
-        if not (path / required).exists():
-            raise FileNotFoundError(f"{path}: not a lorafit checkpoint (missing {required})")
+    step = int(checkpoint_state(path)["step"])
     params = dict(model.named_parameters())
     weights = load_file(path / "trainable.safetensors")
     expected = {n for n, p in params.items() if p.requires_grad}
@@ -245,7 +310,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
             state["state"][index] = param_state
     optimizer.load_state_dict(state)
     distributed.restore_rng_states(tensors)
-    return json.loads((path / "trainer_state.json").read_text())["step"]
+    return step
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -309,31 +374,11 @@ def keep_metrics_until(metrics_path: Path, step: int) -> None:
             continue
         if record["step"] <= step:
             kept.append(line + "\n")
-    metrics_path.write_text("".join(kept))
+    write_text(metrics_path, "".join(kept))
 
 
-def release_large_buffers(threshold: int) -> bool:
-    """Make glibc's malloc map every buffer of >= threshold bytes on its own, so freeing one returns it to the system.
-
-    By default glibc raises this threshold as large buffers are freed (up to 32 MiB), after which
-    activations come from its heap, where memory freed by steps of other shapes stays resident and
-    fragments: measured on a LoRA run, a quarter of the peak resident memory. The price is a page fault
-    per fresh page of every large buffer, which depends on the run (see TrainConfig.cpu_mmap_threshold).
-    Affects the whole process; a no-op (returns False) off glibc or when the user has set
-    MALLOC_MMAP_THRESHOLD_ themselves.
-    """
-    if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl, ...)
-        return False
-    m_mmap_threshold = -3  # from malloc.h
-    return bool(libc.mallopt(m_mmap_threshold, threshold))
-
-
-def autocast(precision: str, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm stopped being finite; the step that found it was not applied."""
 
 
 def train(
@@ -346,14 +391,18 @@ def train(
     resume: Path | None = None,
     on_eval: Callable[[int, float], None] | None = None,
     progress: bool = True,
+    strategy: str = "ddp",
+    fused_head: bool = True,
+    run_id: str = "",
 ) -> TrainResult:
     """Train the parameters of `model` that require grad on train_set; evaluate on val_set.
 
-    Under torch.distributed every rank calls it with the same arguments and takes its share of each
-    step (lorafit.distributed); metrics, checkpoint files, on_eval and the progress bar are rank 0's.
+    `strategy` and `fused_head` come from the finetuning method (Method.strategy, Method.fused_head);
+    `run_id` is written into every checkpoint. Under torch.distributed every rank calls it with the same
+    arguments and takes its share of each step (lorafit.distributed); metrics, checkpoint files, on_eval
+    and the progress bar are rank 0's. A non-finite loss or gradient norm stops the run before its
+    optimizer step (TrainingDiverged), so checkpoints and outputs only ever hold finite weights.
     """
-    from lorafit.generate import peak_memory_bytes
-
     device = next(model.parameters()).device
     cfg.precision = resolve_precision(cfg.precision, device)
     env = distributed.environment()
@@ -362,15 +411,17 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
     plan = BatchPlan(train_set.lengths, cfg.micro_batch_size, cfg.seed)
-    micro_batches_per_epoch = len(plan.batches(0))
-    steps_per_epoch = math.ceil(micro_batches_per_epoch / cfg.accumulation)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    steps_per_epoch = math.ceil(len(plan) / cfg.accumulation)
+    n_steps = total_steps(cfg, len(train_set))
     model.activation_checkpointing = cfg.activation_checkpointing
     if device.type == "cpu" and cfg.cpu_mmap_threshold:
         release_large_buffers(cfg.cpu_mmap_threshold)
-    strategy = distributed.strategy_for(model)
-    loss_module = distributed.parallelize(SupervisedLoss(model), model.layers, strategy, device)
+    loss_module = SupervisedLoss(model, fused_head)
+    loss_module = distributed.parallelize(
+        loss_module, model.layers, strategy if env.world_size > 1 else "single", device
+    )
     optimizer = make_optimizer(model, cfg)  # after FSDP, which replaces the parameters by shards
+    trainable = [p for p in model.parameters() if p.requires_grad]
     if env.rank > 0:
         # Each rank draws its own dropout masks; rank 0 keeps the caller's stream, as one process would.
         torch.manual_seed(cfg.seed + env.rank)
@@ -393,9 +444,9 @@ def train(
     train_loss, val_loss = float("nan"), None
     real_tokens, started = 0, time.perf_counter()
     bar = tqdm(
-        range(start_step, total_steps),
+        range(start_step, n_steps),
         initial=start_step,
-        total=total_steps,
+        total=n_steps,
         disable=not (progress and env.is_main),
         desc="finetune",
         unit="step",
@@ -403,7 +454,7 @@ def train(
     )
     for step in bar:
         step_started = time.perf_counter()
-        lr = learning_rate_at(step, total_steps, cfg)
+        lr = learning_rate_at(step, n_steps, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         mine = distributed.local_micro_batches(micro_batches_of(step), env.rank, env.world_size)
@@ -424,21 +475,23 @@ def train(
                 (loss * (env.world_size if counts else 0)).backward()
             if counts:
                 loss_sum += loss.item()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or math.inf))
+        train_loss = distributed.all_reduce_sum([loss_sum], device)[0]
+        if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
+            raise TrainingDiverged(diverged_message(step + 1, train_loss, grad_norm, cfg, run_dir))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        train_loss = distributed.all_reduce_sum([loss_sum], device)[0]
         real_tokens += int(step_tokens)
         elapsed = time.perf_counter() - started
         record = {
             "step": step + 1,
             "train_loss": train_loss,
             "lr": lr,
+            "grad_norm": grad_norm,
             "step_tokens_per_s": step_tokens / (time.perf_counter() - step_started),
             "elapsed_s": elapsed,
         }
-        is_last = step + 1 == total_steps
+        is_last = step + 1 == n_steps
         if (cfg.eval_interval and (step + 1) % cfg.eval_interval == 0) or is_last:
             if val_set is not None and len(val_set):
                 val_loss = evaluate(model, val_set, cfg, pad_id, device, loss_module)
@@ -447,19 +500,38 @@ def train(
                     on_eval(step + 1, val_loss)
         if env.is_main:
             with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(metrics_line(record))
         bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{real_tokens / elapsed:.0f}", refresh=False)
-        if cfg.save_interval and (step + 1) % cfg.save_interval == 0 and not is_last:
-            save_checkpoint(run_dir, step + 1, model, optimizer, cfg.keep_checkpoints)
+        if cfg.save_interval and ((step + 1) % cfg.save_interval == 0 or is_last):
+            save_checkpoint(run_dir, step + 1, model, optimizer, cfg.keep_checkpoints, run_id)
     bar.close()
     seconds = time.perf_counter() - started
     return TrainResult(
-        steps=total_steps - start_step,
+        steps=n_steps - start_step,
         final_train_loss=train_loss,
         final_val_loss=val_loss,
         tokens_per_s=real_tokens / seconds if seconds else 0.0,
         seconds=seconds,
         peak_memory_bytes=peak_memory_bytes(device),
+    )
+
+
+def metrics_line(record: dict) -> str:
+    """One metrics.jsonl line: strict JSON, with a value that is not finite written as null."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
+
+
+def diverged_message(step: int, loss: float, grad_norm: float, cfg: TrainConfig, run_dir: Path) -> str:
+    """What went wrong, what was kept, and what to try."""
+    last = latest_checkpoint(run_dir)
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"
+    hint = f"lower --learning-rate (now {cfg.learning_rate:g})"
+    if cfg.precision != "32-true":
+        hint += f" or train in --precision 32-true (now {cfg.precision})"
+    return (
+        f"training diverged at step {step}: loss {loss:g}, gradient norm {grad_norm:g}; the step was not applied and "
+        f"nothing was written for it ({kept}); {hint}"
     )
 
 

@@ -9,30 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorafit.adapter import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    AdapterConfig,
-    AdapterV2Linear,
-    PromptAdapter,
-    adapter_method,
-    adapter_parameters,
-    apply_adapter,
-    fold_scales,
-    load_adapter,
-    save_adapter,
-)
+from lorafit.adapter import AdapterConfig, AdapterV2Linear, PromptAdapter, adapter_parameters, fold_scales
 from lorafit.config import Config
+from lorafit.methods import get_method, merge_run, method_of_run
+from lorafit.methods.llama_adapter import CONFIG_FILE, LEGACY_CONFIG_FILE, WEIGHTS_FILE
 from lorafit.model import LLaMA
 from lorafit.train import train
-from tests.test_train import (  # noqa: F401  (one_thread is a fixture)
-    PAD,
-    VOCAB,
-    one_thread,
-    read_metrics,
-    repetitive_dataset,
-    small_config,
-)
+from tests.conftest import PAD, VOCAB, read_metrics, repetitive_dataset, small_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 METHODS = ("adapter", "adapter-v2")
 TINY = Config(
@@ -53,6 +38,14 @@ def tiny_model(seed: int = 0, tie: bool = False) -> LLaMA:
     torch.manual_seed(seed)
     config = Config(**{**vars(TINY), "tie_embeddings": tie})
     return LLaMA(config).eval()
+
+
+def apply_adapter(model: LLaMA, method: str, config: AdapterConfig) -> int:
+    return get_method(method).apply(model, config)
+
+
+def save_adapter(model: LLaMA, method: str, config: AdapterConfig, out: Path, base: str) -> None:
+    get_method(method).save(model, config, out, Path(base), base_reference=base)
 
 
 def perturb(model: LLaMA, seed: int = 1) -> None:
@@ -100,14 +93,13 @@ def test_only_the_adapter_parameters_require_grad(method):
 @pytest.mark.parametrize(("method", "count"), [("adapter", 1_229_760), ("adapter-v2", 4_279_744)])
 def test_llama2_7b_trainable_counts(method, count):
     from lorafit.estimate import count_parameters
-    from lorafit.finetune import setup_method
 
     config = Config.from_name("Llama-2-7B")
     with torch.device("meta"):
         model = LLaMA(config)
     # v1: 30 adapted layers x (10 prompt vectors x 4096 + 32 gates). v2 adds a bias and a scale on every linear
     # layer's output (7 per block and the LM head: 2 x (32 x 44_032 + 32_000)) and every RMSNorm (65 x 4096).
-    assert setup_method(model, method, None, AdapterConfig()) == count
+    assert get_method(method).apply(model, AdapterConfig()) == count
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count
     assert count_parameters(config, method)[0] == count
 
@@ -175,7 +167,7 @@ def test_training_through_the_one_loop_lowers_the_loss(tmp_path):
     apply_adapter(model, "adapter-v2", SMALL_ADAPTER)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     cfg = small_config(max_steps=40, micro_batch_size=8, global_batch_size=8, learning_rate=2e-2, warmup_steps=4)
-    train(model, repetitive_dataset(32), None, cfg, tmp_path, PAD, progress=False)
+    train(model, repetitive_dataset(32), None, cfg, tmp_path, PAD, progress=False, fused_head=False)
     losses = [r["train_loss"] for r in read_metrics(tmp_path)]
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
@@ -187,16 +179,29 @@ def test_save_and_load_round_trip_gives_identical_logits(tmp_path, method):
     model = tiny_model()
     apply_adapter(model, method, SMALL_ADAPTER)
     perturb(model)
-    save_adapter(model, method, SMALL_ADAPTER, tmp_path, base_model_name_or_path="some/base")
-    assert json.loads((tmp_path / ADAPTER_CONFIG).read_text()) == {
+    save_adapter(model, method, SMALL_ADAPTER, tmp_path, "some/base")
+    assert json.loads((tmp_path / CONFIG_FILE).read_text()) == {
         "method": method,
         "prompt_length": 5,
         "start_layer": 1,
         "base_model_name_or_path": "some/base",
     }
-    assert adapter_method(tmp_path) == method
+    assert method_of_run(tmp_path).name == method
     loaded = tiny_model()
-    assert load_adapter(loaded, tmp_path) == (method, SMALL_ADAPTER)
+    assert get_method(method).load(loaded, tmp_path) == SMALL_ADAPTER
+    assert torch.equal(logits(loaded), logits(model))
+
+
+def test_runs_of_older_lorafit_with_an_adapter_config_json_still_load(tmp_path):
+    """Before 0.2 the config file had PEFT's name; such runs are still recognised and loaded, never taken for LoRA."""
+    model = tiny_model()
+    apply_adapter(model, "adapter-v2", SMALL_ADAPTER)
+    perturb(model)
+    save_adapter(model, "adapter-v2", SMALL_ADAPTER, tmp_path, "b")
+    (tmp_path / CONFIG_FILE).rename(tmp_path / LEGACY_CONFIG_FILE)
+    assert method_of_run(tmp_path).name == "adapter-v2"
+    loaded = tiny_model()
+    get_method("adapter-v2").load(loaded, tmp_path)
     assert torch.equal(logits(loaded), logits(model))
 
 
@@ -205,12 +210,12 @@ def test_load_names_a_missing_tensor(tmp_path):
 
     model = tiny_model()
     apply_adapter(model, "adapter", SMALL_ADAPTER)
-    save_adapter(model, "adapter", SMALL_ADAPTER, tmp_path, base_model_name_or_path="b")
-    tensors = load_file(tmp_path / ADAPTER_WEIGHTS)
+    save_adapter(model, "adapter", SMALL_ADAPTER, tmp_path, "b")
+    tensors = load_file(tmp_path / WEIGHTS_FILE)
     del tensors["layers.2.self_attn.adapter.gate"]
-    save_file(tensors, tmp_path / ADAPTER_WEIGHTS)
+    save_file(tensors, tmp_path / WEIGHTS_FILE)
     with pytest.raises(ValueError, match=r"adapter\.safetensors: missing tensor\(s\) layers\.2\.self_attn\.adapter"):
-        load_adapter(tiny_model(), tmp_path)
+        get_method("adapter").load(tiny_model(), tmp_path)
 
 
 def test_start_layer_beyond_the_model_is_refused():
@@ -251,22 +256,22 @@ def test_finetune_end_to_end_and_generate_from_the_run(
     capsys,
     monkeypatch,
 ):
-    import lorafit.finetune as finetune_module
-    from lorafit.finetune import DataOptions, finetune, read_run_file
+    from lorafit.finetune import DataOptions, finetune
     from lorafit.generate import LLM, generate
-    from lorafit.lora import adapter_base_model
+    from lorafit.rundir import read_run_file
 
     run_dir = tmp_path / "run"
     cfg = small_config(max_steps=3, max_seq_length=96, learning_rate=5e-2)
     config = AdapterConfig(prompt_length=4, start_layer=1)
     trained = {}
-    save = finetune_module.save_method_outputs
+    method_object = get_method(method)
+    save = method_object.save
 
     def save_and_keep(model, *args, **kwargs):
         trained["model"] = model
         return save(model, *args, **kwargs)
 
-    monkeypatch.setattr(finetune_module, "save_method_outputs", save_and_keep)
+    monkeypatch.setattr(method_object, "save", save_and_keep)
     result = finetune(
         method,
         numbers_data(tmp_path),
@@ -276,15 +281,16 @@ def test_finetune_end_to_end_and_generate_from_the_run(
         data_options=DataOptions(val_size=2),
         progress=False,
         device="cpu",
-        adapter=config,
+        method_config=config,
     )
     assert result.steps == 3
-    assert f"{method}: " in capsys.readouterr().out
-    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, "lorafit_run.json", "metrics.jsonl"):
+    assert f"{method} (4 prompt tokens from layer 1): " in capsys.readouterr().out
+    for name in (WEIGHTS_FILE, CONFIG_FILE, "lorafit_run.json", "metrics.jsonl"):
         assert (run_dir / name).is_file(), name
+    assert not (run_dir / LEGACY_CONFIG_FILE).exists()  # PEFT's file name is not reused for another format
     run = read_run_file(run_dir)
-    assert (run["method"], run["adapter"], run["lora"]) == (method, {"prompt_length": 4, "start_layer": 1}, None)
-    assert adapter_base_model(run_dir) == str(tiny_checkpoint)
+    assert (run["method"], run[method]) == (method, {"prompt_length": 4, "start_layer": 1})
+    assert get_method(method).base_reference(run_dir) == str(tiny_checkpoint.absolute())
 
     model = trained["model"].eval()
     prompt = [1, 20, 31, 44, 7]
@@ -295,20 +301,21 @@ def test_finetune_end_to_end_and_generate_from_the_run(
 
 def test_merge_v2_folds_what_a_llama_checkpoint_holds_and_keeps_the_rest(tmp_path, tiny_checkpoint):
     from lorafit.checkpoint import load_model
-    from lorafit.finetune import merge_adapter
 
     model = load_model(tiny_checkpoint)
     apply_adapter(model, "adapter-v2", SMALL_ADAPTER)
     perturb(model)
     run = tmp_path / "run"
-    save_adapter(model, "adapter-v2", SMALL_ADAPTER, run, base_model_name_or_path=str(tiny_checkpoint))
+    save_adapter(model, "adapter-v2", SMALL_ADAPTER, run, str(tiny_checkpoint))
     expected = logits(model)
 
-    out = merge_adapter(run, tmp_path / "merged")
+    out = merge_run(run, tmp_path / "merged")
     merged = load_model(out)  # a plain Llama checkpoint with the scales and norms folded in
     assert not torch.equal(merged.norm.weight, load_model(tiny_checkpoint).norm.weight)
-    assert adapter_method(out / "adapter") == "adapter-v2"
-    load_adapter(merged, out / "adapter")  # prompts, gates and biases stay an adapter, over the merged model
+    assert method_of_run(out / "adapter").name == "adapter-v2"
+    get_method("adapter-v2").load(
+        merged, out / "adapter"
+    )  # prompts, gates and biases stay an adapter, over the merged model
     assert all(
         torch.equal(m.adapter_scale, torch.ones_like(m.adapter_scale))
         for m in merged.modules()
@@ -323,13 +330,12 @@ def test_merge_v2_folds_what_a_llama_checkpoint_holds_and_keeps_the_rest(tmp_pat
 
 
 def test_merge_refuses_a_v1_run(tmp_path):
-    from lorafit.finetune import merge_adapter
-
     model = tiny_model()
     apply_adapter(model, "adapter", SMALL_ADAPTER)
-    save_adapter(model, "adapter", SMALL_ADAPTER, tmp_path, base_model_name_or_path="b")
+    save_adapter(model, "adapter", SMALL_ADAPTER, tmp_path, "b")
     with pytest.raises(ValueError, match="LLaMA-Adapter \\(v1\\) run has nothing to fold"):
-        merge_adapter(tmp_path, tmp_path / "out")
+        merge_run(tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_finetune_takes_the_adapter_flags():

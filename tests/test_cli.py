@@ -108,11 +108,15 @@ def test_unknown_recipe_key_is_named(tmp_path, capsys):
     recipe.write_text("lora_rank: 4\n")
     with pytest.raises(SystemExit):
         run_cli("finetune", "lora", "--config", recipe, "--data", "x", "--out", "y")
-    assert "recipe.yaml: unknown keys for `lorafit finetune`: lora_rank" in capsys.readouterr().err
+    assert "recipe.yaml: unknown keys for `lorafit finetune lora`: lora_rank" in capsys.readouterr().err
 
 
-def test_bad_data_file_is_one_clear_error(tiny_checkpoint, tmp_path):
+def test_bad_data_file_is_one_clear_error(tiny_checkpoint, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": 3}\n')
-    with pytest.raises(SystemExit, match=r"bad.jsonl: line 2: field 'output' must be a string"):
+    with pytest.raises(SystemExit) as exit:
         run_cli("prepare", "json", "--source", bad, "--out", tmp_path / "out", "--checkpoint", tiny_checkpoint)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lorafit prepare: error: ") and "\n" not in err
+    assert "bad.jsonl: line 2: field 'output' must be a string" in err

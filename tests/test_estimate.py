@@ -8,8 +8,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from lorafit.config import Config
 from lorafit.estimate import count_parameters, estimate_memory, format_estimate
-from lorafit.finetune import setup_method
 from lorafit.lora import LoRAConfig
+from lorafit.methods import get_method
 from lorafit.model import LLaMA
 from lorafit.train import TrainConfig, autocast, make_optimizer, supervised_loss_sum
 
@@ -30,7 +30,7 @@ def test_llama2_7b_trainable_counts(method, expected):
 def test_lora_count_matches_a_real_model():
     model = LLaMA(SMALL)
     lora = LoRAConfig(r=4, targets="all")
-    setup_method(model, "lora", lora)
+    get_method("lora").apply(model, lora)
     trainable, total, _ = count_parameters(SMALL, "lora", lora)
     assert trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert total == sum(p.numel() for p in model.parameters())
@@ -76,7 +76,7 @@ def measured_peak_bytes(model: LLaMA, input_ids: torch.Tensor, labels: torch.Ten
 def test_estimate_within_25_percent_of_measured_peak(method, precision):
     torch.manual_seed(0)
     model = LLaMA(SMALL).to(torch.bfloat16 if precision == "bf16-true" else torch.float32)
-    setup_method(model, method, LoRAConfig())
+    get_method(method).apply(model, LoRAConfig() if method == "lora" else None)
     model.train()
     input_ids = torch.randint(0, SMALL.vocab_size, (2, 128))
     labels = input_ids.clone()
@@ -91,7 +91,7 @@ def test_estimate_within_25_percent_of_measured_peak(method, precision):
 def test_activations_match_the_tensors_autograd_saves(method):
     torch.manual_seed(0)
     model = LLaMA(SMALL)
-    setup_method(model, method, LoRAConfig())
+    get_method(method).apply(model, LoRAConfig() if method == "lora" else None)
     model.train()
     input_ids = torch.randint(0, SMALL.vocab_size, (2, 64))
     saved = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -13,10 +13,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from lorafit.config import Config
-from lorafit.data import IGNORE_INDEX, TokenDataset, collate
-from lorafit.lora import LoRAConfig, apply_lora
-from lorafit.model import LLaMA
+from lorafit.data import IGNORE_INDEX, collate
+from lorafit.lora import LoRAConfig
 from lorafit.train import (
     TrainConfig,
     evaluate,
@@ -29,84 +27,18 @@ from lorafit.train import (
     supervised_loss_sum,
     train,
 )
+from tests.conftest import (
+    PAD,
+    VOCAB,
+    read_metrics,
+    repetitive_dataset,
+    small_config,
+    tiny_dataset,
+    tiny_model,
+    trainable_state,
+)
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-VOCAB = 64
-PAD, BOS, EOS = 0, 1, 2
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices multiply fastest on one thread; on a busy machine, two threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_model(method: str = "full", seed: int = 0, tie: bool = False, lora_dropout: float = 0.1) -> LLaMA:
-    """A random 2-layer LLaMA with grouped-query attention, set up for `method` (lora or full)."""
-    torch.manual_seed(seed)
-    config = Config(
-        name="tiny",
-        vocab_size=VOCAB,
-        n_layer=2,
-        n_embd=32,
-        n_head=4,
-        n_kv_head=2,
-        intermediate_size=64,
-        block_size=128,
-        tie_embeddings=tie,
-    )
-    model = LLaMA(config)
-    if method == "lora":
-        apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=lora_dropout, targets="all"))
-    return model
-
-
-def tiny_dataset(n: int, seed: int = 0) -> TokenDataset:
-    """Samples "BOS prompt answer EOS" whose answer counts up from the prompt's last token; prompts masked."""
-    rng = random.Random(seed)
-    samples = []
-    for _ in range(n):
-        prompt = [BOS] + [rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 8))]
-        answer = [3 + (prompt[-1] + i - 2) % (VOCAB - 3) for i in range(rng.randint(1, 10))] + [EOS]
-        samples.append((prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))
-    return TokenDataset.from_samples(samples)
-
-
-def repetitive_dataset(n: int, seed: int = 0) -> TokenDataset:
-    """Random prompts that all have the same answer: a pattern a tiny model learns in a few dozen steps."""
-    rng = random.Random(seed)
-    answer = [10, 20, 30, 40, 50, 60, EOS]
-    prompts = [[BOS] + [rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 8))] for _ in range(n)]
-    return TokenDataset.from_samples([(p + answer, [IGNORE_INDEX] * len(p) + answer) for p in prompts])
-
-
-def small_config(**overrides) -> TrainConfig:
-    """A config for a few CPU steps: no warm-up surprises, no progress bar noise, no accidental saves."""
-    base = dict(
-        max_steps=4,
-        micro_batch_size=2,
-        global_batch_size=4,
-        learning_rate=1e-2,
-        warmup_steps=0,
-        eval_interval=0,
-        eval_batches=0,
-        save_interval=0,
-        precision="32-true",
-        seed=0,
-    )
-    return TrainConfig(**{**base, **overrides})
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def trainable_state(model: LLaMA) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---- learning-rate schedule --------------------------------------------------------------------
 
@@ -243,16 +175,16 @@ def test_checkpoints_are_step_directories_and_only_the_newest_are_kept(tmp_path)
     model = tiny_model("lora")
     cfg = small_config(max_steps=8, save_interval=2, keep_checkpoints=2)
     train(model, tiny_dataset(16), None, cfg, tmp_path, PAD, progress=False)
-    # Saved after steps 2, 4 and 6 (the last step is the run's output, not a checkpoint); 2 was dropped.
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
+    # Saved after steps 2, 4, 6 and the last, 8 (so a finished run can be extended); 2 and 4 were dropped.
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000006", "step-000008"]
     newest = latest_checkpoint(tmp_path)
-    assert newest == tmp_path / "checkpoints" / "step-000006"
+    assert newest == tmp_path / "checkpoints" / "step-000008"
     assert sorted(p.name for p in newest.iterdir()) == [
         "optimizer.safetensors",
         "trainable.safetensors",
         "trainer_state.json",
     ]
-    assert json.loads((newest / "trainer_state.json").read_text()) == {"step": 6}
+    assert json.loads((newest / "trainer_state.json").read_text()) == {"step": 8, "run_id": ""}
     assert latest_checkpoint(tmp_path / "elsewhere") is None
 
 
@@ -269,8 +201,8 @@ def test_a_checkpoint_interrupted_while_writing_is_never_used(tmp_path, monkeypa
     monkeypatch.setattr("lorafit.train.save_file", die)
     with pytest.raises(Crash):
         save_checkpoint(tmp_path, 2, model, optimizer, keep=3)
-    assert (tmp_path / "checkpoints" / "step-000002.tmp" / "trainable.safetensors").exists()
-    assert not (tmp_path / "checkpoints" / "step-000002").exists()
+    # The half-written directory never got the checkpoint's name, and was cleaned up.
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001"]
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-000001"
 
     monkeypatch.undo()
@@ -338,7 +270,8 @@ def test_metrics_have_one_record_per_step_and_val_loss_at_eval_steps(tmp_path):
 
 
 def test_finetune_lora_end_to_end_and_auto_resume(tmp_path, tiny_checkpoint, capsys):
-    from lorafit.finetune import DataOptions, finetune, read_run_file
+    from lorafit.finetune import DataOptions, finetune
+    from lorafit.rundir import read_run_file
 
     records = [
         {"instruction": f"Say the number {i}.", "input": "" if i % 2 else "quickly", "output": f"{i} {i} {i}"}
@@ -355,7 +288,7 @@ def test_finetune_lora_end_to_end_and_auto_resume(tmp_path, tiny_checkpoint, cap
         run_dir,
         checkpoint=tiny_checkpoint,
         train_config=cfg,
-        lora=lora,
+        method_config=lora,
         data_options=DataOptions(val_size=4),
         progress=False,
         device="cpu",
@@ -369,9 +302,15 @@ def test_finetune_lora_end_to_end_and_auto_resume(tmp_path, tiny_checkpoint, cap
     assert json.loads((run_dir / "adapter_config.json").read_text())["target_modules"] == ["q_proj", "v_proj"]
     first = read_metrics(run_dir)
     assert [r["step"] for r in first] == [1, 2, 3, 4] and "val_loss" in first[1]
-    assert latest_checkpoint(run_dir).name == "step-000002"
+    assert latest_checkpoint(run_dir).name == "step-000004"  # the last step is always saved
     capsys.readouterr()
 
+    # As if killed after step 3: the final checkpoint and outputs never got written, metrics reach step 3.
+    shutil.rmtree(latest_checkpoint(run_dir))
+    (run_dir / "adapter_model.safetensors").unlink()
+    (run_dir / "metrics.jsonl").write_text(
+        "".join(line + "\n" for line in (run_dir / "metrics.jsonl").read_text().splitlines()[:3])
+    )
     # resume="auto" picks the newest checkpoint and redoes steps 3 and 4 exactly.
     again = finetune(
         "lora",
@@ -379,7 +318,7 @@ def test_finetune_lora_end_to_end_and_auto_resume(tmp_path, tiny_checkpoint, cap
         run_dir,
         checkpoint=tiny_checkpoint,
         train_config=cfg,
-        lora=lora,
+        method_config=lora,
         data_options=DataOptions(val_size=4),
         resume="auto",
         progress=False,
@@ -403,7 +342,7 @@ def test_evaluate_leaves_the_model_in_the_mode_it_found_it(training):
 
 RSS_RETURNED = """
 import sys, torch
-from lorafit.train import release_large_buffers
+from lorafit.runtime import release_large_buffers
 
 def rss_mib():
     with open("/proc/self/statm") as f:

@@ -1,0 +1,137 @@
+"""What a finetuning method is: the one interface that finetune, generate, merge, estimate and the CLI talk to.
+
+A method decides which parameters exist and which train (`apply`), how its result is written to and
+read from a run directory (`save`, `owns`, `load`), how it is folded into the base weights (`merge`),
+how it is served (`prepare_for_inference`) and how several processes train it (`strategy`). Its
+hyperparameters are one dataclass (`config_class`), whose fields become its command-line flags and
+YAML keys. Nothing outside lorafit/methods/ asks a method for its name to decide what to do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from lorafit.checkpoint import load_model, save_hf_model
+from lorafit.model import LLaMA
+from lorafit.tokenizer import Tokenizer
+
+
+class Method:
+    """A finetuning method; subclasses set the class attributes and implement apply, save, owns and load."""
+
+    name: ClassVar[str]
+    """The name on the command line (`lorafit finetune NAME`) and in lorafit_run.json."""
+    summary: ClassVar[str]
+    """One line for --help."""
+    config_class: ClassVar[type | None] = None
+    """The hyperparameters' dataclass; its fields are the flags --{flag_prefix}-{field}."""
+    flag_prefix: ClassVar[str] = ""
+    strategy: ClassVar[str] = "ddp"
+    """How several processes train it: "ddp" (replicated weights, all-reduced gradients) or "fsdp" (sharded)."""
+
+    def default_config(self) -> Any:
+        return self.config_class() if self.config_class is not None else None
+
+    def config_from_dict(self, values: dict[str, Any]) -> Any:
+        """The config from its fields by name (lorafit_run.json, YAML); unknown fields are an error."""
+        if self.config_class is None:
+            return None
+        known = set(self.config_class.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{self.name}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return self.config_class(**values)
+
+    def describe(self, config: Any) -> str:
+        """The method's settings in a few words, for logs and estimate's header ("" for none)."""
+        return ""
+
+    def apply(self, model: LLaMA, config: Any) -> int:
+        """Add the method's parameters to the model and freeze the rest; returns the trainable parameter count."""
+        raise NotImplementedError
+
+    def fused_head(self, config: Any) -> bool:
+        """Whether the LM head stays a plain linear layer, so the loss can fuse it with cross-entropy."""
+        return True
+
+    def save(self, model: LLaMA, config: Any, run_dir: Path, base: Path, base_reference: str) -> None:
+        """Write the result into run_dir. Under torch.distributed every rank calls it; rank 0 writes.
+
+        `base` is the base checkpoint's local path, `base_reference` what the files should name it by (a hub
+        repo id where there is one, else the absolute path).
+        """
+        raise NotImplementedError
+
+    def owns(self, run_dir: Path) -> bool:
+        """Whether run_dir holds this method's output (a run, or an adapter made by another tool)."""
+        raise NotImplementedError
+
+    def base_reference(self, run_dir: Path) -> str | None:
+        """The base model the output in run_dir was trained on, as its files name it."""
+        return None
+
+    def load(self, model: LLaMA, run_dir: Path) -> Any:
+        """Apply the output saved in run_dir to a freshly loaded base model; returns the method's config."""
+        raise NotImplementedError
+
+    def load_run(
+        self,
+        run_dir: Path,
+        checkpoint: str | Path | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> tuple[LLaMA, Path]:
+        """The base model with run_dir's output applied, and the directory whose tokenizer it uses."""
+        from lorafit.hub import resolve_checkpoint
+
+        reference = checkpoint or self.base_reference(run_dir)
+        if reference is None:
+            raise ValueError(f"{run_dir}: the run does not name its base model; pass --checkpoint")
+        base = resolve_checkpoint(reference)
+        model = load_model(base, dtype=dtype, device=device)
+        self.load(model, run_dir)
+        return model, base
+
+    def prepare_for_inference(self, model: LLaMA) -> None:
+        """Make a loaded run fast to decode (e.g. fold LoRA into the weights); by default nothing."""
+
+    def check_mergeable(self, run_dir: Path) -> None:
+        """Raise, saying what to do instead, when `merge` makes no sense for this method's runs."""
+
+    def fold(self, model: LLaMA) -> dict[str, torch.Tensor]:
+        """Fold the trained weights into the base weights in place; returns the tensors a Llama checkpoint holds."""
+        raise ValueError(f"a {self.name} run has nothing that folds into the base weights")
+
+    def merge(self, model: LLaMA, run_dir: Path, out_dir: Path, base: Path) -> None:
+        """Write the loaded run (model), folded, as a Hugging Face model directory out_dir."""
+        save_hf_directory(model, base, out_dir, self.fold(model))
+
+
+def save_hf_directory(
+    model: LLaMA,
+    base: Path,
+    out_dir: Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    replace: bool = False,
+) -> None:
+    """A Hugging Face model directory: weights and config, plus the base model's tokenizer and generation config.
+
+    state_dict replaces the model's own (e.g. whole tensors gathered from FSDP shards). Weights that are
+    not finite (a diverged run) are refused. An existing out_dir is an error unless replace, in which
+    case it is swapped for the new one only once that is complete.
+    """
+    from lorafit.io import atomic_directory
+
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{name} holds NaN or infinite values (a diverged run?); refusing to write {out_dir}")
+    # One directory that appears whole: a crash never leaves weights without their tokenizer.
+    with atomic_directory(out_dir, replace=replace) as staging:
+        save_hf_model(state_dict, model.config, staging)
+        Tokenizer.from_checkpoint(base).save(staging)
+        if (base / "generation_config.json").is_file():
+            (staging / "generation_config.json").write_text((base / "generation_config.json").read_text())

@@ -1,0 +1,151 @@
+"""Where and how computation runs: device, dtype and precision, peak memory, and the opt-in process switches.
+
+Every command resolves its device, weight dtype and training precision here, so "auto" means the
+same thing everywhere. The switches at the end change process-wide state (glibc's malloc,
+inductor's passes, the memory layout of weights); each is off unless a caller asks for it, and each
+says what it changes and what it was measured to do.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import sys
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_device(requested: str | torch.device | None = None) -> torch.device:
+    """The device to run on: the requested one (checked to exist), else CUDA when available, else the CPU."""
+    if requested is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError as err:
+        raise ValueError(f"--device {requested!r} is not a device (e.g. cpu, cuda, cuda:1)") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {requested}: this machine has no CUDA GPU (or torch is a CPU-only build)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type not in ("cpu", "mps"):
+        raise ValueError(f"--device {requested}: unsupported device type {device.type!r} (use cpu or cuda)")
+    return device
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """A torch dtype from a name ("float32", "bf16", ...); None: bfloat16 on GPUs, float32 on CPUs."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The concrete training precision for 'auto': bf16 mixed on GPUs, float32 on CPUs.
+
+    On the CPUs measured so far (AVX2 and AVX-512 without AMX) bf16 matrix products ran slower than
+    float32 ones, so float32 is the CPU default.
+    """
+    if precision == "auto":
+        return "bf16-mixed" if device.type == "cuda" else "32-true"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be auto, {', '.join(PRECISIONS)}; got {precision!r}")
+    return precision
+
+
+def weights_dtype(precision: str) -> torch.dtype:
+    """The dtype weights are stored in for a concrete precision: bf16 only for bf16-true."""
+    return torch.bfloat16 if precision == "bf16-true" else torch.float32
+
+
+def autocast(precision: str, device: torch.device) -> AbstractContextManager:
+    """bf16 autocast for bf16-mixed; nothing for the other precisions."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
+
+
+def peak_memory_bytes(device: torch.device | str) -> int:
+    """Peak memory so far: allocated tensors on CUDA, the process's peak resident set size on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports kilobytes, macOS bytes.
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+# ------------------------------------------------------------------------------------------------
+# Opt-in process switches.
+
+
+def release_large_buffers(threshold: int) -> bool:
+    """Make glibc's malloc map every buffer of >= threshold bytes on its own, so freeing one returns it to the system.
+
+    By default glibc raises this threshold as large buffers are freed (up to 32 MiB), after which
+    activations come from its heap, where memory freed by steps of other shapes stays resident and
+    fragments: measured on a LoRA run, a quarter of the peak resident memory. The price is a page fault
+    per fresh page of every large buffer: at no measurable cost on benchmarks/train_cpu.py, but 30%
+    slower on the demo's run (LoRA on every linear, batch 8). Hence a switch (--cpu-mmap-threshold).
+    Affects the whole process; a no-op (returns False) off glibc or when the user has set
+    MALLOC_MMAP_THRESHOLD_ themselves.
+    """
+    if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, ...)
+        return False
+    m_mmap_threshold = -3  # from malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, threshold))
+
+
+def allow_matvec_reductions() -> None:
+    """Turn on inductor's pass that rewrites (1 x k) @ (k x n) products as reductions, for any k and n.
+
+    Used by the compiled decode step (generate.compiled_decode_step): on 2 AVX2 cores the fused
+    reductions read row-major float32 weights at about twice the bandwidth MKL reaches for one token.
+    The pass limits itself on the CPU to n, k <= 2048 (a Llama projection or LM head is wider); the
+    limit is a module attribute it reads at compile time. This changes inductor's settings for the
+    whole process.
+    """
+    from torch._inductor import config
+    from torch._inductor.fx_passes import decompose_mem_bound_mm
+
+    config.post_grad_fusion_options.setdefault("decompose_mm_pass", {})
+    decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = sys.maxsize
+
+
+def use_decode_layout(model: torch.nn.Module) -> None:
+    """Store each linear weight on the CPU column-major: same values, shapes and names, faster one-token steps.
+
+    Multiplying one token by a (out, in) row-major weight reaches about half the memory bandwidth in
+    MKL that the transposed layout does (measured: 8.4 vs 16.3 GB/s in float32), and decoding is
+    bandwidth-bound. Prefill and training are unaffected; only a saver that needs contiguous
+    tensors must call .contiguous() first. The compiled decode step wants row-major weights: do not
+    combine the two.
+    """
+    seen: set[int] = set()
+    with torch.no_grad():
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if not isinstance(module, torch.nn.Linear) or weight is None or id(weight) in seen:
+                continue
+            seen.add(id(weight))
+            if weight.device.type == "cpu" and weight.dim() == 2 and weight.is_contiguous():
+                # Assigning .data keeps the Parameter object, so tied weights stay tied.
+                weight.data = weight.data.t().contiguous().t()
