@@ -485,3 +485,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"lorafit {args.command}: error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

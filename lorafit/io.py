@@ -41,6 +41,17 @@ def write_json(path: str | Path, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2, allow_nan=False, default=str) + "\n")
 
 
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, with its I/O failures (a full disk) raised as OSError naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except SafetensorError as err:
+        raise OSError(f"{path}: could not write ({err})") from err
+
+
 @contextmanager
 def atomic_directory(path: str | Path, replace: bool = False) -> Iterator[Path]:
     """Yield an empty staging directory; on success it becomes `path`, on failure it is removed.

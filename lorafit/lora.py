@@ -70,6 +70,8 @@ class LoRAConfig:
         self.targets = parse_targets(self.targets)
         if self.r < 1:
             raise ValueError(f"LoRA rank r must be at least 1, got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def scaling(self) -> float:

@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
@@ -29,7 +29,7 @@ from tqdm import tqdm
 from lorafit import distributed
 from lorafit.data.batching import BatchPlan, collate
 from lorafit.data.prepare import IGNORE_INDEX
-from lorafit.io import atomic_directory, write_text
+from lorafit.io import atomic_directory, save_safetensors, write_text
 from lorafit.model import LLaMA
 from lorafit.ops import linear_cross_entropy_sum
 from lorafit.runtime import autocast, peak_memory_bytes, release_large_buffers, resolve_precision
@@ -112,13 +112,16 @@ def fit_to_data(cfg: TrainConfig, n_samples: int, n_processes: int = 1) -> list[
 
     With lit-llama's defaults (global batch 128, 100 warm-up steps) a 25-record file is one optimizer
     step at a learning rate of 3e-6: nothing is learned. The global batch is halved (in whole
-    micro-batches on every process) until an epoch has MIN_STEPS steps, and the warm-up takes at
-    most half of the run, so every run reaches its peak learning rate.
+    micro-batches on every process) until an epoch has MIN_STEPS steps (unless max_steps fixes the run's
+    length), and the warm-up takes at most half of the run, so every run reaches its peak learning rate.
     """
     notes = []
     unit = cfg.micro_batch_size * n_processes
     original = cfg.global_batch_size
-    while cfg.global_batch_size > unit and math.ceil(n_samples / cfg.global_batch_size) < MIN_STEPS:
+    # A run of a set number of steps (max_steps) keeps its batch: its length is the user's choice.
+    while (
+        not cfg.max_steps and cfg.global_batch_size > unit and math.ceil(n_samples / cfg.global_batch_size) < MIN_STEPS
+    ):
         cfg.global_batch_size = max(unit, (cfg.global_batch_size // 2) // unit * unit)
     if cfg.global_batch_size != original:
         notes.append(
@@ -258,8 +261,8 @@ def save_checkpoint(
     if not distributed.is_main():
         return final
     with atomic_directory(final, replace=True) as tmp:
-        save_file(trainable, tmp / "trainable.safetensors")
-        save_file(tensors, tmp / "optimizer.safetensors")
+        save_safetensors(trainable, tmp / "trainable.safetensors")
+        save_safetensors(tensors, tmp / "optimizer.safetensors")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "run_id": run_id}))
     for old in sorted((run_dir / "checkpoints").glob("step-??????"))[: -max(keep, 1)]:
         shutil.rmtree(old)

@@ -82,7 +82,7 @@ def run_config() -> TrainConfig:
         warmup_steps=2,
         eval_interval=3,
         save_interval=3,
-        keep_checkpoints=1,
+        keep_checkpoints=2,
     )
 
 
@@ -128,8 +128,8 @@ def assert_same_losses(got: list[dict], want: list[dict]) -> None:
 def test_two_processes_train_like_one_and_checkpoints_move_between_them(tmp_path, method):
     one, two, one_to_two = tmp_path / "one", tmp_path / "two", tmp_path / "one_to_two"
     train_tiny(method, one)
-    one_checkpoint = latest_checkpoint(one)
-    assert one_checkpoint.name == "step-000003"
+    one_checkpoint = one / "checkpoints" / "step-000003"
+    assert latest_checkpoint(one).name == "step-000006"  # the last step is saved too
 
     distributed.launch(
         two_process_worker,
@@ -144,7 +144,7 @@ def test_two_processes_train_like_one_and_checkpoints_move_between_them(tmp_path
     assert_same_losses(read_metrics(one_to_two), uninterrupted[3:])  # 1 process saved, 2 continued
 
     # The checkpoint 2 processes wrote (FSDP shards gathered) is the one 1 process writes.
-    two_checkpoint = latest_checkpoint(two)
+    two_checkpoint = two / "checkpoints" / "step-000003"
     assert sorted(p.name for p in two_checkpoint.iterdir()) == sorted(p.name for p in one_checkpoint.iterdir())
     for name in ("trainable.safetensors", "optimizer.safetensors"):
         want, got = load_file(one_checkpoint / name), load_file(two_checkpoint / name)

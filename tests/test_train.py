@@ -198,7 +198,7 @@ def test_a_checkpoint_interrupted_while_writing_is_never_used(tmp_path, monkeypa
             raise Crash
         save_file(tensors, path)
 
-    monkeypatch.setattr("lorafit.train.save_file", die)
+    monkeypatch.setattr("lorafit.train.save_safetensors", die)
     with pytest.raises(Crash):
         save_checkpoint(tmp_path, 2, model, optimizer, keep=3)
     # The half-written directory never got the checkpoint's name, and was cleaned up.

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lorafit import distributed
 from lorafit.adapter import (
@@ -24,7 +24,7 @@ from lorafit.adapter import (
     base_state_dict,
     fold_scales,
 )
-from lorafit.io import write_atomically, write_json
+from lorafit.io import save_safetensors, write_atomically, write_json
 from lorafit.methods.base import Method
 from lorafit.model import LLaMA
 
@@ -70,7 +70,7 @@ class LlamaAdapter(Method):
         if not tensors:
             raise ValueError("the model has no LLaMA-Adapter to save; apply it first")
         run_dir = Path(run_dir)
-        write_atomically(run_dir / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        write_atomically(run_dir / WEIGHTS_FILE, lambda tmp: save_safetensors(tensors, tmp, {"format": "pt"}))
         fields = {
             "method": self.name,
             "prompt_length": config.prompt_length,

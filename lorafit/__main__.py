@@ -1,0 +1,5 @@
+"""`python -m lorafit`: the command line, as the `lorafit` script."""
+
+from lorafit.cli import main
+
+main()
