@@ -40,13 +40,6 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int)
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
 
 
-def cmd_download(args: argparse.Namespace) -> None:
-    from lorafit.hub import download
-
-    path = download(args.name, token=args.token)
-    print(f"checkpoint ready: {path}")
-
-
 def load_llm(args: argparse.Namespace):
     import time
 
@@ -277,10 +270,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("download", parents=[recipe], help="fetch a model into the cache and make it ready to load")
-    p.add_argument("name", help="smollm2-135m-instruct (the embedded default), a known name or an HF repo id")
-    p.add_argument("--token", default=None, help="Hugging Face token (default: $HF_TOKEN)")
-    p.set_defaults(handler=cmd_download)
+    from lorafit import hub  # faults branch: `download` is defined in hub.py (with --revision)
+
+    hub.add_command(commands)
 
     p = commands.add_parser("generate", parents=[recipe], help="complete a prompt, streaming the text")
     add_model_arguments(p)
