@@ -13,6 +13,7 @@ CHECKPOINT_HELP = (
     "a checkpoint directory, a .gguf file, a known model name or a Hugging Face repo id "
     "(downloaded on first use); default: the embedded SmolLM2-135M-Instruct"
 )
+VAL_HELP = "default: a tenth of the records, at most 2000"  # lorafit.data.default_val_size
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -111,7 +112,6 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     if args.dataset == "json" and not args.source:
         raise SystemExit("lorafit prepare json needs --source FILE|URL")
     tokenizer = Tokenizer.from_checkpoint(resolve_checkpoint(args.checkpoint))
-    val_size = args.val_size if args.val_size is not None else (2000 if args.dataset == "alpaca" else 0)
     info = prepare_source(
         source,
         tokenizer,
@@ -120,7 +120,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         style=args.prompt_style,
         max_seq_length=args.max_seq_length,
         mask_prompt=not args.no_mask_prompt,
-        val_size=val_size,
+        val_size=args.val_size,
         seed=args.seed,
     )
     print(
@@ -259,7 +259,9 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
         help="for raw data files (default: chat when the model has a chat template)",
     )
     p.add_argument("--no-mask-prompt", action="store_true", help="also train on the prompt tokens")
-    p.add_argument("--val-size", type=int, default=2000, help="validation samples split off a raw data file")
+    p.add_argument(
+        "--val-size", type=int, default=None, help=f"validation samples split off a raw data file ({VAL_HELP})"
+    )
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -295,7 +297,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--out", required=True)
     p.add_argument("--checkpoint", default=None, help="whose tokenizer and chat template to use; " + CHECKPOINT_HELP)
     p.add_argument("--max-seq-length", type=int, default=256)
-    p.add_argument("--val-size", type=int, default=None, help="default: 2000 for alpaca, else 0")
+    p.add_argument("--val-size", type=int, default=None, help=f"validation samples ({VAL_HELP})")
     p.add_argument("--prompt-style", default=None, choices=["alpaca", "chat"])
     p.add_argument("--no-mask-prompt", action="store_true")
     p.add_argument("--seed", type=int, default=42)

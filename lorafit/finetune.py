@@ -52,7 +52,8 @@ class DataOptions:
     prompt_style: str | None = None
     """alpaca or chat; default: chat when the model has a chat template."""
     mask_prompt: bool = True
-    val_size: int = 2000
+    val_size: int | None = None
+    """validation records split off a raw file; None: a tenth of them, at most 2000 (data.default_val_size)."""
     fmt: str | None = None
     """alpaca or dolly field names; default: detected."""
 
@@ -188,7 +189,7 @@ def finetune_here(
     tokenizer = Tokenizer.from_checkpoint(base)
     with distributed.main_first():  # rank 0 prepares the data, the others then find it cached
         data_dir = prepare_data(data, tokenizer, run_dir, cfg.max_seq_length, data_options or DataOptions(), cfg.seed)
-    train_set, val_set = load_prepared(data_dir)
+    train_set, val_set = load_prepared(data_dir, tokenizer)  # refuses data prepared with another tokenizer
     prompt_style = read_info(data_dir).prompt_style
 
     dtype = torch.bfloat16 if cfg.precision == "bf16-true" else torch.float32
