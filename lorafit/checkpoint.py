@@ -172,9 +172,7 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
             return {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         # safetensors checks the header against the file size, so a cut-off copy fails here, not in training.
-        raise CheckpointError(
-            f"{path}: not a readable safetensors file ({err}); was it truncated or overwritten?"
-        ) from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err}); is it truncated?") from None
 
 
 def _read_torch(path: Path) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ map to their single ids, and BOS/EOS follow the model's own files (never added t
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -155,6 +156,13 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         """The id of one token string, or None when the vocabulary lacks it."""
         return self._backend.token_to_id(token)
+
+    def vocabulary_sha256(self) -> str:
+        """A hash of every token string in id order: two tokenizers that map any id differently differ here."""
+        digest = hashlib.sha256()
+        for i in range(self.vocab_size):
+            digest.update((self._backend.id_to_token(i) or "").encode("utf-8", errors="surrogatepass") + b"\0")
+        return digest.hexdigest()
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """Render `messages` with the model's chat template, exactly as transformers does."""

@@ -63,6 +63,8 @@ class PreparedInfo:
     cache_key: str
     tokenizer_name: str = ""
     """Where the tokenizer came from, for messages (empty in directories prepared before it was recorded)."""
+    tokenizer_vocabulary: str = ""
+    """Tokenizer.vocabulary_sha256(): catches what the fingerprint's probe text cannot (empty in older directories)."""
     cached: bool = False
 
 
@@ -293,13 +295,19 @@ def check_prepared_tokenizer(data_dir: str | Path, tokenizer: Any) -> None:
     if info is None:
         raise FileNotFoundError(f"{data_dir}: not a prepared dataset")
     ours = tokenizer_fingerprint(tokenizer)
-    if info.tokenizer != ours:
+    # Older directories recorded no vocabulary hash; for them the fingerprint alone decides.
+    other_vocabulary = info.tokenizer_vocabulary and info.tokenizer_vocabulary != _vocabulary_sha256(tokenizer)
+    if info.tokenizer != ours or other_vocabulary:
         theirs = info.tokenizer_name or "an unrecorded tokenizer"
         raise DataError(
             f"{data_dir}: prepared with the tokenizer of {theirs} (fingerprint {info.tokenizer}), but this model's "
             f"tokenizer is {getattr(tokenizer, 'name', 'another one')} (fingerprint {ours}); prepare the data "
             "again with this model's tokenizer"
         )
+
+
+def _vocabulary_sha256(tokenizer: Any) -> str:
+    return tokenizer.vocabulary_sha256() if hasattr(tokenizer, "vocabulary_sha256") else ""
 
 
 def load_prepared(out_dir: str | Path, tokenizer: Any = None) -> tuple[TokenDataset, TokenDataset]:
@@ -372,6 +380,7 @@ def prepare_dataset(
         tokenizer=tokenizer_fingerprint(tokenizer),
         cache_key=key,
         tokenizer_name=str(getattr(tokenizer, "name", "")),
+        tokenizer_vocabulary=_vocabulary_sha256(tokenizer),
     )
     meta = {k: v for k, v in asdict(info).items() if k not in ("out_dir", "cached")}
     # meta.json goes last: its presence with this key is what marks the directory as complete.
