@@ -237,7 +237,7 @@ def _default_checkpoint() -> Path:
 def _snapshot(repo_id: str, revision: str | None, token: str | None) -> Path:
     """The repo's snapshot in huggingface_hub's cache, with weights (safetensors, else .bin) and side files."""
     import huggingface_hub  # imported here: only downloads need it
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     cache = hf_cache_dir()
     storage = cache / f"models--{repo_id.replace('/', '--')}"
@@ -269,7 +269,12 @@ def _snapshot(repo_id: str, revision: str | None, token: str | None) -> Path:
     except Exception as err:
         if not existed:
             _remove_if_no_files(storage)
-        hint = "" if token else " (gated repos need a token: set HF_TOKEN or pass --token)"
+        # The Hub answers 401/404 for a gated or private repo without a token; a network failure needs no token hint.
+        hint = (
+            ""
+            if token or not isinstance(err, HfHubHTTPError)
+            else " (gated repos need a token: set HF_TOKEN or pass --token)"
+        )
         raise HubError(f"could not download {repo_id!r}{at} from Hugging Face: {_first_line(err)}{hint}") from None
     has_weights = any(snapshot.glob("*.safetensors")) or any(snapshot.glob("*.bin"))
     if not (snapshot / "config.json").is_file() or not has_weights:
