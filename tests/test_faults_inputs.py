@@ -222,6 +222,9 @@ def test_url_cache_is_keyed_by_the_whole_url(tmp_path, monkeypatch):
     assert load_records(resolve_source(second.as_uri())).records == RECORDS[2:5]  # not u1's copy
     first.write_text(json.dumps(RECORDS[:3]))  # another size: fetched again
     assert load_records(resolve_source(first.as_uri())).records == RECORDS[:3]
+    first.write_text(json.dumps(RECORDS[3:6]))  # the same size, a later date: fetched again
+    os.utime(first, (first.stat().st_atime, first.stat().st_mtime + 5))
+    assert load_records(resolve_source(first.as_uri())).records == RECORDS[3:6]
 
 
 def test_offline_named_dataset_says_what_it_tried(tmp_path, monkeypatch):

@@ -12,7 +12,9 @@ final EOS / end-of-turn token is always kept.
 
 A prepared directory holds ``train.safetensors`` and ``val.safetensors`` (flat ``input_ids``, flat
 ``labels`` and ``offsets``, int32/int64) and ``meta.json``. Preparing the same inputs again (same source
-hash, tokenizer, style, max_seq_length, mask flag and split) reuses the directory without work.
+hash, tokenizer, style, max_seq_length, mask flag and split) reuses the directory without work. meta.json
+names the tokenizer (its file, a behaviour fingerprint and a vocabulary hash), so that data prepared with one
+tokenizer is refused for a model with another (check_prepared_tokenizer).
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ def file_sha256(path: Path) -> str:
 
 
 def download(url: str, dest_dir: Path | None = None) -> Path:
-    """A URL's file in the cache: fetched once, fetched again when the server reports another size or ETag.
+    """A URL's file in the cache: fetched once, again when the server reports another size, ETag or date.
 
     The cache name holds a hash of the whole URL, so two URLs ending in the same file name never share a
     copy. Offline, a cached copy is used as is; without one the error names the URL and the --source way out.
@@ -76,8 +76,13 @@ def download(url: str, dest_dir: Path | None = None) -> Path:
         ) from None
     with response:
         headers = response.headers
-        remote = {"url": url, "size": int(headers.get("Content-Length") or -1), "etag": headers.get("ETag")}
-        if dest.is_file() and meta_path.is_file() and _same_remote(json.loads(meta_path.read_text()), remote, dest):
+        remote = {
+            "url": url,
+            "size": int(headers.get("Content-Length") or -1),
+            "etag": headers.get("ETag"),
+            "modified": headers.get("Last-Modified"),
+        }
+        if dest.is_file() and _same_remote(_read_cached_meta(meta_path), remote, dest):
             return dest
         write_atomically(dest, lambda tmp: _copy_with_progress(response, tmp, name, remote["size"]))
     write_json(meta_path, {**remote, "size": dest.stat().st_size})
@@ -85,12 +90,22 @@ def download(url: str, dest_dir: Path | None = None) -> Path:
 
 
 def _same_remote(cached: dict[str, Any], remote: dict[str, Any], dest: Path) -> bool:
-    """True when the cached copy is what the server now offers: same URL, size and ETag (where it sends them)."""
+    """True when the cached copy is what the server now offers: same URL and size, and the same ETag and
+    Last-Modified where the server sends them."""
     if cached.get("url") != remote["url"] or dest.stat().st_size != cached.get("size"):
         return False
     if remote["size"] >= 0 and remote["size"] != cached["size"]:
         return False
-    return not (remote["etag"] and cached.get("etag") and remote["etag"] != cached["etag"])
+    return all(not remote[key] or cached.get(key) == remote[key] for key in ("etag", "modified"))
+
+
+def _read_cached_meta(path: Path) -> dict[str, Any]:
+    """What was recorded about a cached download; {} (so it is fetched again) when missing or unreadable."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def _copy_with_progress(response: Any, out: Path, name: str, total: int) -> None:
