@@ -205,7 +205,10 @@ def test_data_prepared_with_another_tokenizer_is_refused(tmp_path):
     assert (
         str(tmp_path / "theirs" / "tokenizer.json") in message and str(tmp_path / "ours" / "tokenizer.json") in message
     )
-    assert message.startswith(f"{tmp_path / 'prepared'}: prepared with the tokenizer of ")
+    assert message.startswith(f"{tmp_path / 'prepared'}: prepared with tokenizer ")
+    # Preparing again with the right tokenizer really re-tokenises: the cache key tells the vocabularies apart.
+    again = prepare_dataset(RECORDS, ours, tmp_path / "prepared", style="alpaca", max_seq_length=64, progress=False)
+    assert not again.cached and len(load_prepared(tmp_path / "prepared", ours)[0]) == 11
 
 
 # ------------------------------------------------------------------------------------- downloads

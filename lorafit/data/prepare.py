@@ -260,6 +260,7 @@ def cache_key(
         FORMAT_VERSION,
         source_hash,
         tokenizer_fingerprint(tokenizer),
+        _vocabulary_sha256(tokenizer),  # two vocabularies the probe text cannot tell apart must not share a cache
         style,
         max_seq_length,
         mask_prompt,
@@ -302,7 +303,7 @@ def check_prepared_tokenizer(data_dir: str | Path, tokenizer: Any) -> None:
     if info.tokenizer != ours or other_vocabulary:
         theirs = info.tokenizer_name or "an unrecorded tokenizer"
         raise DataError(
-            f"{data_dir}: prepared with the tokenizer of {theirs} (fingerprint {info.tokenizer}), but this model's "
+            f"{data_dir}: prepared with tokenizer {theirs} (fingerprint {info.tokenizer}), but this model's "
             f"tokenizer is {getattr(tokenizer, 'name', 'another one')} (fingerprint {ours}); prepare the data "
             "again with this model's tokenizer"
         )
