@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 import zipfile
 from collections.abc import Iterator
@@ -17,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lorafit.config import Config, RopeScaling
+from lorafit.io import atomic_directory, write_json
 from lorafit.model import LLaMA, rope_inverse_frequencies
 
 
@@ -54,8 +54,10 @@ def load_config(path: str | Path) -> Config:
     if (path / "config.json").exists():
         try:
             return Config.from_hf(path / "config.json", name=path.name)
-        except (KeyError, ValueError) as err:
-            raise CheckpointError(f"{path / 'config.json'}: {err}") from err
+        except KeyError as err:
+            raise CheckpointError(f"{path / 'config.json'}: missing key {err}") from None
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{path / 'config.json'}: {err}") from None
     if (path / "params.json").exists():
         return _meta_config(path)
     raise CheckpointError(f"{path}: no config.json (Hugging Face) or params.json (Meta) found")
@@ -69,9 +71,9 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint file or directory")
     if (path / "model.safetensors.index.json").exists():
-        return _hf_names(_read_sharded(path / "model.safetensors.index.json", _read_safetensors))
+        return _hf_names(_read_sharded(path / "model.safetensors.index.json", read_safetensors))
     if (path / "model.safetensors").exists():
-        return _hf_names(_read_safetensors(path / "model.safetensors"))
+        return _hf_names(read_safetensors(path / "model.safetensors"))
     if (path / "pytorch_model.bin.index.json").exists():
         return _hf_names(_read_sharded(path / "pytorch_model.bin.index.json", _read_torch))
     if (path / "pytorch_model.bin").exists():
@@ -128,19 +130,11 @@ def save_hf_model(
     }
     hf_config = config.to_hf()
     hf_config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        _write_safetensors(tensors, tmp, max_shard_bytes)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above; rename needs the name free
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    if out_dir.exists():
+        out_dir.rmdir()  # empty, checked above; the finished directory takes its name
+    with atomic_directory(out_dir) as staging:
+        write_json(staging / "config.json", hf_config)
+        _write_safetensors(tensors, staging, max_shard_bytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,9 +162,17 @@ def _check_tensors(state: dict[str, torch.Tensor], expected: dict[str, tuple[int
 # Hugging Face layout
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    with safe_open(path, framework="pt", device="cpu") as f:
-        return {name: f.get_tensor(name) for name in f.keys()}
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of one safetensors file (memory-mapped); a missing, cut-off or garbled file is a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such safetensors file")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        # safetensors checks the header against the file size, so a cut-off copy fails here, not in training.
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err}); is it truncated?") from None
 
 
 def _read_torch(path: Path) -> dict[str, torch.Tensor]:
@@ -182,10 +184,19 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_sharded(index_path: Path, read) -> dict[str, torch.Tensor]:
-    weight_map = json.loads(index_path.read_text())["weight_map"]
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{index_path}: not a shard index with a 'weight_map' object ({err})") from None
+    folder = Path(os.path.normpath(index_path.parent.absolute()))
     state: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
-        shard_path = index_path.parent / shard
+    for shard in shards:
+        shard_path = index_path.parent / str(shard)
+        # Shards live beside their index: a name like ../x or /etc/x would read files the checkpoint does not own.
+        # The check is on the names, not resolved links: a Hugging Face cache snapshot links its files to blobs.
+        if Path(os.path.normpath(shard_path.absolute())).parent != folder:
+            raise CheckpointError(f"{index_path}: shard {shard!r} is outside the checkpoint directory {folder}")
         if not shard_path.exists():
             raise CheckpointError(f"{index_path}: lists shard {shard!r}, which is not in {index_path.parent}")
         state.update(read(shard_path))
@@ -208,7 +219,7 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_by
         weight_map.update(dict.fromkeys(shard, filename))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    write_json(out / "model.safetensors.index.json", index)
 
 
 def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -233,12 +244,6 @@ def interleaved_to_half(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Reorder q/k projection rows from interleaved RoPE pairs (2i, 2i+1) to HF's (i, i + head_dim/2)."""
     rows = weight.shape[0]
     return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
-
-
-def half_to_interleaved(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """The inverse of interleaved_to_half: what Meta's code and llama.cpp's converter store."""
-    rows = weight.shape[0]
-    return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
 def _unpermute_qk(state: dict[str, torch.Tensor], config: Config) -> None:
@@ -326,7 +331,7 @@ def _read_single_file(path: Path, want_tensors: bool) -> tuple[Config, dict[str,
     if path.suffix == ".bin" and not zipfile.is_zipfile(path):
         return _read_llama2c(path, want_tensors)
     if path.suffix == ".safetensors":
-        state = _hf_names(_read_safetensors(path)) if want_tensors else {}
+        state = _hf_names(read_safetensors(path)) if want_tensors else {}
     elif path.suffix in (".pth", ".pt", ".bin"):
         state = _hf_names(_read_torch(path)) if want_tensors else {}
     else:

@@ -114,7 +114,7 @@ def positive_int(text: str) -> int:
 def cmd_download(args: argparse.Namespace) -> None:
     from lorafit.hub import download
 
-    path = download(args.name, token=args.token)
+    path = download(args.name, token=args.token, revision=args.revision)
     print(f"checkpoint ready: {path}")
 
 
@@ -360,6 +360,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[tuple[str, str | None]
     cmd = leaf("download", "fetch a model into the cache and make it ready to load", cmd_download)
     cmd.add("name", help="smollm2-135m-instruct (the embedded default), a known name or an HF repo id")
     cmd.add("--token", default=None, help="Hugging Face token (default: $HF_TOKEN)")
+    cmd.add("--revision", default=None, help="a branch, tag or commit of the Hugging Face repo (default: main)")
 
     cmd = leaf("generate", "complete a prompt, streaming the text", cmd_generate, required=("prompt",))
     add_model_arguments(cmd)

@@ -152,7 +152,7 @@ def finetune_here(
             if saved is None:
                 run_id = start_fresh(run_dir, overwrite)
         data_dir = prepare_data(data, tokenizer, run_dir, cfg.max_seq_length, data_options, cfg.seed)
-    train_set, val_set = load_prepared(data_dir)
+    train_set, val_set = load_prepared(data_dir, tokenizer)  # refuses data prepared with another tokenizer
     info = read_info(data_dir)
     for note in fit_to_data(cfg, len(train_set), distributed.world_size()):
         distributed.print_main(f"note: {note}")

@@ -7,50 +7,36 @@ map to their single ids, and BOS/EOS follow the model's own files (never added t
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
-import mmap
 import re
-import struct
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import sentencepiece as spm
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import processors
+
+from lorafit.gguf_vocab import byte_level_bpe, read_gguf_metadata, sentencepiece_proto
+from lorafit.io import write_atomically, write_json, write_text
 
 # Tokens that end a chat turn; one counts as a stop id when the model's chat template writes it.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
-# How llama.cpp's `tokenizer.ggml.pre` names split text before byte-level BPE.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_GPT2_PRE = ("gpt2", "default")
-_DIGIT_PRE = ("smollm", "starcoder", "refact")  # GPT-2's split, after cutting numbers into single digits
-_REGEX_PRE = {
-    "llama-bpe": _LLAMA3_SPLIT,
-    "llama3": _LLAMA3_SPLIT,
-    "llama-v3": _LLAMA3_SPLIT,
-    "smaug-bpe": _LLAMA3_SPLIT,
-    "falcon3": _LLAMA3_SPLIT,
-    "dbrx": _LLAMA3_SPLIT,
-    "qwen2": _QWEN2_SPLIT,
-    "deepseek-r1-qwen": _QWEN2_SPLIT,
-}
-# GGUF token types (the same numbers as SentencePiece's piece types).
-_CONTROL, _USER_DEFINED, _BYTE = 3, 4, 6
+
+class ChatTemplateError(ValueError):
+    """A chat template that does not parse, or that fails while rendering; the message names where it came from."""
 
 
 class Tokenizer:
     """Text to ids and back, BOS/EOS rules and the chat template, whatever file the model ships."""
+
+    name: str
+    """Where the tokenizer was read from (a file path), for messages that must say which tokenizer."""
+    chat_template_source: str
+    """Where the chat template was read from, for errors in the template."""
 
     def __init__(
         self,
@@ -60,8 +46,12 @@ class Tokenizer:
         add_eos: bool = False,
         extra_stop_ids: Sequence[int] = (),
         chat_template: str | None = None,
+        name: str = "tokenizer",
+        chat_template_source: str | None = None,
     ) -> None:
         self._backend = backend
+        self.name = name
+        self.chat_template_source = chat_template_source or f"{name}: chat template"
         self._special = {name: token for name, token in special_tokens.items() if token is not None}
         self.bos_id = self._special_id("bos_token")
         self.eos_id = self._special_id("eos_token")
@@ -87,11 +77,12 @@ class Tokenizer:
             backend = _SentencePieceBackend(spm.SentencePieceProcessor(model_file=str(file)))
         else:
             raise ValueError(f"{file}: not a tokenizer file (expected tokenizer.json, tokenizer.model or .gguf)")
-        return cls._from_files(backend, file.parent)
+        return cls._from_files(backend, file)
 
     @classmethod
-    def _from_files(cls, backend: _JsonBackend | _SentencePieceBackend, folder: Path) -> Tokenizer:
+    def _from_files(cls, backend: _JsonBackend | _SentencePieceBackend, file: Path) -> Tokenizer:
         """Combine a backend with the rules in tokenizer_config.json, generation_config.json and config.json."""
+        folder = file.parent
         tok_config = _read_json(folder / "tokenizer_config.json")
         token_map = _read_json(folder / "special_tokens_map.json")
         model_config = _read_json(folder / "config.json")
@@ -117,7 +108,8 @@ class Tokenizer:
             add_bos = tok_config.get("add_bos_token", True)
             add_eos = tok_config.get("add_eos_token", False)
         stop_ids = [*_as_list(generation.get("eos_token_id")), *_as_list(model_config.get("eos_token_id"))]
-        return cls(backend, special, add_bos, add_eos, stop_ids, _read_chat_template(folder, tok_config))
+        template, template_source = _read_chat_template(folder, tok_config)
+        return cls(backend, special, add_bos, add_eos, stop_ids, template, str(file), template_source)
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> Tokenizer:
@@ -128,9 +120,9 @@ class Tokenizer:
         if "tokenizer.ggml.tokens" not in meta:
             raise ValueError(f"{path}: no tokenizer.ggml.tokens in the GGUF metadata")
         if kind == "gpt2":
-            backend: _JsonBackend | _SentencePieceBackend = _JsonBackend(_byte_level_bpe(meta, path))
+            backend: _JsonBackend | _SentencePieceBackend = _JsonBackend(byte_level_bpe(meta, path))
         elif kind == "llama":
-            backend = _SentencePieceBackend(spm.SentencePieceProcessor(model_proto=_sentencepiece_proto(meta)))
+            backend = _SentencePieceBackend(spm.SentencePieceProcessor(model_proto=sentencepiece_proto(meta)))
         else:
             raise ValueError(f"{path}: tokenizer.ggml.model {kind!r} is not supported (supported: 'gpt2', 'llama')")
         tokens = meta["tokenizer.ggml.tokens"]
@@ -143,7 +135,9 @@ class Tokenizer:
         add_bos = meta.get("tokenizer.ggml.add_bos_token", kind == "llama")
         add_eos = meta.get("tokenizer.ggml.add_eos_token", False)
         stop_ids = [meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in meta]
-        return cls(backend, special, add_bos, add_eos, stop_ids, meta.get("tokenizer.chat_template"))
+        template = meta.get("tokenizer.chat_template")
+        source = f"{path}: metadata tokenizer.chat_template"
+        return cls(backend, special, add_bos, add_eos, stop_ids, template, str(path), source)
 
     # ---------------------------------------------------------------------------- text <-> ids
     def encode(self, text: str, bos: bool | None = None, eos: bool | None = None) -> list[int]:
@@ -163,6 +157,13 @@ class Tokenizer:
         """The id of one token string, or None when the vocabulary lacks it."""
         return self._backend.token_to_id(token)
 
+    def vocabulary_sha256(self) -> str:
+        """A hash of every token string in id order: two tokenizers that map any id differently differ here."""
+        digest = hashlib.sha256()
+        for i in range(self.vocab_size):
+            digest.update((self._backend.id_to_token(i) or "").encode("utf-8", errors="surrogatepass") + b"\0")
+        return digest.hexdigest()
+
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """Render `messages` with the model's chat template, exactly as transformers does."""
         if self.chat_template is None:
@@ -170,9 +171,28 @@ class Tokenizer:
                 "this tokenizer has no chat template (none in tokenizer_config.json, "
                 "chat_template.jinja or the GGUF metadata)"
             )
-        return _compile_template(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, tools=None, documents=None, **self._special
-        )
+        from jinja2.exceptions import TemplateError, TemplateSyntaxError
+
+        try:
+            template = _compile_template(self.chat_template)
+        except TemplateSyntaxError as err:
+            raise ChatTemplateError(
+                f"{self.chat_template_source}: the chat template does not parse (line {err.lineno}: {err.message})"
+            ) from None
+        try:
+            return template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                tools=None,
+                documents=None,
+                **self._special,
+            )
+        except TemplateError as err:  # raise_exception() in the template, or something the sandbox refused
+            raise ChatTemplateError(f"{self.chat_template_source}: the chat template failed: {err}") from None
+        except Exception as err:  # the template is data: any error in it is the template's, not lorafit's
+            raise ChatTemplateError(
+                f"{self.chat_template_source}: the chat template failed: {type(err).__name__}: {err}"
+            ) from None
 
     # ---------------------------------------------------------------------------- saving
     def save(self, out_dir: str | Path) -> None:
@@ -192,9 +212,9 @@ class Tokenizer:
         }
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-            (out / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
-        _write_json(out / "tokenizer_config.json", config)
-        _write_json(out / "special_tokens_map.json", tokens)
+            write_text(out / "chat_template.jinja", self.chat_template)
+        write_json(out / "tokenizer_config.json", config)
+        write_json(out / "special_tokens_map.json", tokens)
 
     # ---------------------------------------------------------------------------- helpers
     def _special_id(self, name: str) -> int | None:
@@ -259,7 +279,7 @@ class _JsonBackend:
             single = f"{single} {eos[0]}:0"
             specials.append(eos)
         tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=specials)
-        tok.save(str(out / "tokenizer.json"))
+        write_atomically(out / "tokenizer.json", lambda tmp: tok.save(str(tmp)))
 
 
 class _SentencePieceBackend:
@@ -321,7 +341,7 @@ class _SentencePieceBackend:
 
     def save(self, out: Path, bos: tuple[str, int] | None, eos: tuple[str, int] | None) -> None:
         # transformers reads the BOS/EOS rule for a SentencePiece model from tokenizer_config.json.
-        (out / "tokenizer.model").write_bytes(self.sp.serialized_model_proto())
+        write_atomically(out / "tokenizer.model", lambda tmp: tmp.write_bytes(self.sp.serialized_model_proto()))
 
 
 # -------------------------------------------------------------------------------- files
@@ -345,10 +365,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from err
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 def _token_text(value: Any) -> str | None:
     """A special token as tokenizer_config.json writes it: a string, or a dict with its "content"."""
     return value.get("content") if isinstance(value, dict) else value
@@ -360,16 +376,16 @@ def _as_list(value: Any) -> list[int]:
     return [int(v) for v in value] if isinstance(value, list) else [int(value)]
 
 
-def _read_chat_template(folder: Path, tok_config: dict[str, Any]) -> str | None:
-    """chat_template.jinja wins over tokenizer_config.json's chat_template, as in transformers."""
+def _read_chat_template(folder: Path, tok_config: dict[str, Any]) -> tuple[str | None, str]:
+    """(template, where it came from): chat_template.jinja wins over tokenizer_config.json, as in transformers."""
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
+        return jinja.read_text(encoding="utf-8"), str(jinja)
     template = tok_config.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
         named = {t["name"]: t["template"] for t in template}
         template = named.get("default")
-    return template
+    return template, f"{folder / 'tokenizer_config.json'}: chat_template"
 
 
 # -------------------------------------------------------------------------------- chat templates
@@ -393,172 +409,3 @@ def _compile_template(template: str) -> Any:
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(template)
-
-
-# -------------------------------------------------------------------------------- GGUF
-def read_gguf_metadata(path: str | Path, prefixes: tuple[str, ...] = ("tokenizer.", "general.")) -> dict[str, Any]:
-    """The key/value metadata of a GGUF file whose keys start with one of `prefixes` (tensors are not read)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != b"GGUF":
-            raise ValueError(f"{path}: not a GGUF file (bad magic {bytes(buf[:4])!r})")
-        version, _, n_kv = struct.unpack_from("<IQQ", buf, 4)
-        if version not in (2, 3):
-            raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3)")
-        reader, meta = _GGUFCursor(buf, 24), {}
-        for _ in range(n_kv):
-            key = reader.string()
-            value = reader.value(reader.scalar(4))
-            if key.startswith(prefixes):
-                meta[key] = value
-        return meta
-
-
-class _GGUFCursor:
-    """Reads GGUF metadata values (little-endian) from a buffer, front to back."""
-
-    SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-    STRING, ARRAY = 8, 9
-
-    def __init__(self, buf: Any, offset: int) -> None:
-        self.buf, self.offset = buf, offset
-
-    def scalar(self, kind: int) -> Any:
-        fmt = "<" + self.SCALARS[kind]
-        (value,) = struct.unpack_from(fmt, self.buf, self.offset)
-        self.offset += struct.calcsize(fmt)
-        return value
-
-    def string(self) -> str:
-        size = self.scalar(10)
-        self.offset += size
-        return bytes(self.buf[self.offset - size : self.offset]).decode("utf-8", errors="replace")
-
-    def value(self, kind: int) -> Any:
-        if kind == self.STRING:
-            return self.string()
-        if kind != self.ARRAY:
-            return self.scalar(kind)
-        item_kind, count = self.scalar(4), self.scalar(10)
-        if item_kind in self.SCALARS:  # numbers in one read, not one by one
-            dtype = np.dtype("<" + self.SCALARS[item_kind])
-            items = np.frombuffer(self.buf, dtype, count, self.offset).tolist()
-            self.offset += dtype.itemsize * count
-            return items
-        return [self.value(item_kind) for _ in range(count)]
-
-
-def _byte_level_bpe(meta: dict[str, Any], path: Path) -> HFTokenizer:
-    """GPT-2-style byte-level BPE from tokenizer.ggml.tokens/merges, split as tokenizer.ggml.pre says."""
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre in _GPT2_PRE:
-        pre_tokenizer, ignore_merges = byte_level, False
-    elif pre in _DIGIT_PRE:
-        pre_tokenizer, ignore_merges = pre_tokenizers.Sequence([pre_tokenizers.Digits(True), byte_level]), False
-    elif pre in _REGEX_PRE:
-        split = pre_tokenizers.Split(Regex(_REGEX_PRE[pre]), behavior="isolated")
-        bytes_only = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-        pre_tokenizer = pre_tokenizers.Sequence([split, bytes_only])
-        ignore_merges = True  # Llama 3 and Qwen 2 take a whole word from the vocabulary before merging
-    else:
-        supported = sorted([*_GPT2_PRE, *_DIGIT_PRE, *_REGEX_PRE])
-        raise ValueError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported (supported: {', '.join(supported)})")
-
-    alphabet = _byte_alphabet()
-    spelled = set(alphabet.values())
-    tokens = meta["tokenizer.ggml.tokens"]
-    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    # Every ordinary token is written in the byte alphabet; respell any that is not.
-    vocab = {
-        (token if set(token) <= spelled else "".join(alphabet[b] for b in token.encode("utf-8"))): i
-        for i, token in enumerate(tokens)
-    }
-    merges = [tuple(merge.split(" ", 1)) for merge in meta.get("tokenizer.ggml.merges", [])]
-    tok = HFTokenizer(models.BPE(vocab, merges, ignore_merges=ignore_merges))
-    tok.pre_tokenizer = pre_tokenizer
-    tok.decoder = decoders.ByteLevel()
-    # A control token spelled outside the byte alphabet is a mislabel; adding it would grow the vocabulary.
-    tok.add_special_tokens(
-        [
-            AddedToken(token, normalized=False, special=True)
-            for token, kind in zip(tokens, types, strict=True)
-            if kind == _CONTROL and set(token) <= spelled
-        ]
-    )
-    tok.add_tokens(
-        [
-            AddedToken(token, normalized=False, special=False)
-            for token, kind in zip(tokens, types, strict=True)
-            if kind == _USER_DEFINED and token in vocab
-        ]
-    )
-    return tok
-
-
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's map from bytes to printable characters."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
-
-
-def _sentencepiece_proto(meta: dict[str, Any]) -> bytes:
-    """A serialized SentencePiece ModelProto for a GGUF's SentencePiece vocabulary (tokenizer.ggml.model "llama")."""
-    tokens = meta["tokenizer.ggml.tokens"]
-    scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
-    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    pieces = b"".join(
-        _pb_bytes(1, _pb_bytes(1, token.encode("utf-8")) + _pb_float(2, score) + _pb_varint(3, kind))
-        for token, score, kind in zip(tokens, scores, types, strict=True)
-    )
-    trainer = (
-        _pb_varint(3, 2)  # model_type: BPE, what llama.cpp's SentencePiece vocabulary means
-        + _pb_varint(4, len(tokens))
-        + _pb_varint(35, int(_BYTE in types))  # byte_fallback
-        + _pb_varint(40, meta.get("tokenizer.ggml.unknown_token_id", 0))
-        + _pb_varint(41, meta.get("tokenizer.ggml.bos_token_id", 1))
-        + _pb_varint(42, meta.get("tokenizer.ggml.eos_token_id", 2))
-        + _pb_varint(43, meta.get("tokenizer.ggml.padding_token_id", -1))
-    )
-    normalizer = (
-        _pb_bytes(1, b"identity")
-        + _pb_varint(3, int(meta.get("tokenizer.ggml.add_space_prefix", True)))  # add_dummy_prefix
-        + _pb_varint(4, 0)  # remove_extra_whitespaces
-        + _pb_varint(5, 1)  # escape_whitespaces
-    )
-    return pieces + _pb_bytes(2, trainer) + _pb_bytes(3, normalizer)
-
-
-def _pb_key(field: int, wire: int) -> bytes:
-    return _varint(field << 3 | wire)
-
-
-def _varint(value: int) -> bytes:
-    value &= (1 << 64) - 1  # negative int32s are written as ten-byte two's complement
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _pb_varint(field: int, value: int) -> bytes:
-    return _pb_key(field, 0) + _varint(int(value))
-
-
-def _pb_float(field: int, value: float) -> bytes:
-    return _pb_key(field, 5) + struct.pack("<f", value)
-
-
-def _pb_bytes(field: int, value: bytes) -> bytes:
-    return _pb_key(field, 2) + _varint(len(value)) + value

@@ -21,12 +21,12 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from lorafit import distributed
+from lorafit.checkpoint import read_safetensors
 from lorafit.data.batching import BatchPlan, collate
 from lorafit.data.prepare import IGNORE_INDEX
 from lorafit.io import atomic_directory, save_safetensors, write_text
@@ -289,7 +289,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """
     step = int(checkpoint_state(path)["step"])
     params = dict(model.named_parameters())
-    weights = load_file(path / "trainable.safetensors")
+    weights = read_safetensors(path / "trainable.safetensors")
     expected = {n for n, p in params.items() if p.requires_grad}
     if set(weights) != expected:
         missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
@@ -300,7 +300,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(distributed.shard_like(value, params[name]))
-    tensors = load_file(path / "optimizer.safetensors")
+    tensors = read_safetensors(path / "optimizer.safetensors")
     names = {id(p): n for n, p in params.items()}
     state = optimizer.state_dict()
     params_in_order = [p for g in optimizer.param_groups for p in g["params"]]

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from lorafit.data import default_val_size
 from lorafit.data import prepare as prepare_module
 from lorafit.data.batching import BatchPlan, collate
 from lorafit.data.prepare import (
@@ -171,12 +171,13 @@ def test_download_from_a_url_into_the_cache(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LORAFIT_HOME", str(tmp_path / "home"))
     source = write(tmp_path, "remote.json", json.dumps([{"instruction": "a", "output": "b"}]))
     path = resolve_source(source.as_uri())
-    assert path == tmp_path / "home" / "datasets" / "remote.json"
+    assert path.parent == tmp_path / "home" / "datasets" and path.name.endswith("-remote.json")
     assert path.read_bytes() == source.read_bytes()
     assert "downloading remote.json" in capsys.readouterr().err
-    assert not list(path.parent.glob("*.part"))
-    source.write_text("changed")  # a cached download is reused, not fetched again
-    assert download(source.as_uri()).read_bytes() == path.read_bytes()
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.name + ".json"]  # no temporaries
+    mtime = path.stat().st_mtime_ns
+    assert download(source.as_uri()) == path and path.stat().st_mtime_ns == mtime  # unchanged: reused
+    assert "downloading" not in capsys.readouterr().err
     with pytest.raises(DataError, match="nope.json: no such file"):
         resolve_source(tmp_path / "nope.json")
 
@@ -275,6 +276,22 @@ def test_split_matches_random_split_and_alpaca_sizes():
         split_indices(20, 20)
 
 
+def test_default_val_size_fits_small_files_and_alpaca():
+    assert [default_val_size(n) for n in (1, 9, 20, 25, 3000, 51_759)] == [0, 0, 2, 2, 300, 2000]
+
+
+def test_prepare_without_val_size_uses_the_rule(llama2, tmp_path):
+    records = [{"instruction": f"say {i}", "input": "", "output": f"{i}"} for i in range(20)]
+    info = prepare_dataset(records, llama2, tmp_path / "d", max_seq_length=64, progress=False)
+    assert (info.train, info.val, info.val_size) == (18, 2, 2)
+    assert prepare_dataset(records, llama2, tmp_path / "d", max_seq_length=64, progress=False).cached
+    one = prepare_dataset(records[:1], llama2, tmp_path / "one", max_seq_length=64, progress=False)
+    assert (one.train, one.val) == (1, 0)
+    with pytest.raises(DataError, match=r"val_size 20 must leave training data: there are only 20 records \(leave"):
+        prepare_dataset(records, llama2, tmp_path / "e", max_seq_length=64, val_size=20, progress=False)
+    assert not (tmp_path / "e").exists()
+
+
 def test_prepare_alpaca_saves_reloads_and_caches(llama2, tmp_path, monkeypatch):
     source = shared_file("data/alpaca_3k.json")
     out = tmp_path / "alpaca"
@@ -300,9 +317,11 @@ def test_prepare_alpaca_saves_reloads_and_caches(llama2, tmp_path, monkeypatch):
 
     # The same inputs again: reused without parsing or tokenising.
     monkeypatch.setattr(prepare_module, "load_records", lambda *a, **k: pytest.fail("parsed again"))
-    start = time.perf_counter()
+    monkeypatch.setattr(prepare_module, "encode_record", lambda *a, **k: pytest.fail("tokenised again"))
+    mtimes = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
     again = prepare_source(source, llama2, out, max_seq_length=256, val_size=300, progress=False)
-    assert again.cached and again.cache_key == info.cache_key and time.perf_counter() - start < 1.0
+    assert again.cached and again.cache_key == info.cache_key
+    assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == mtimes  # nothing rewritten
     monkeypatch.undo()
     changed = prepare_source(source, llama2, out, max_seq_length=128, val_size=300, progress=False)
     assert not changed.cached and changed.truncated > info.truncated
@@ -343,13 +362,13 @@ def test_batch_plan_covers_every_sample_once_and_groups_lengths():
         assert plan.token_counts(batches[0])[1] == max(plan.token_counts(b)[1] for b in batches)
 
 
-def test_batch_plan_resumes_at_any_step():
+def test_batch_plan_is_a_function_of_seed_and_epoch():
+    """A resumed run rebuilds the plan and gets the same batches: nothing depends on what was asked before."""
     plan = BatchPlan([5, 3, 8, 1, 9, 2, 7], micro_batch_size=2, seed=1, mega_batch_factor=2)
-    full = [b for _, (_, _, b) in zip(range(20), plan.iterate(), strict=False)]
-    for step in (0, 3, len(plan), 13):
-        resumed = [b for _, (_, _, b) in zip(range(20 - step), plan.iterate(step), strict=False)]
-        assert resumed == full[step:]
-    assert plan.position(len(plan) + 1) == (1, 1)
+    later = [plan.batches(epoch) for epoch in (3, 0, 1)]
+    fresh = BatchPlan([5, 3, 8, 1, 9, 2, 7], micro_batch_size=2, seed=1, mega_batch_factor=2)
+    assert [fresh.batches(epoch) for epoch in (3, 0, 1)] == later
+    assert fresh.batches(0) != BatchPlan([5, 3, 8, 1, 9, 2, 7], 2, seed=2, mega_batch_factor=2).batches(0)
 
 
 def test_collate_right_pads_to_the_longest():

@@ -11,7 +11,7 @@ that knows its step gets exactly the batches it would have had.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -59,18 +59,6 @@ class BatchPlan:
             batches += [mega[i : i + self.micro_batch_size] for i in range(0, len(mega), self.micro_batch_size)]
         rng.shuffle(batches)
         return batches
-
-    def position(self, step: int) -> tuple[int, int]:
-        """The (epoch, batch index) of micro-step ``step`` counted from the start of training."""
-        return divmod(step, self.batches_per_epoch)
-
-    def iterate(self, start_step: int = 0) -> Iterator[tuple[int, int, list[int]]]:
-        """Yield (epoch, batch index, batch) forever, starting at micro-step ``start_step`` (for resume)."""
-        epoch, index = self.position(start_step)
-        while True:
-            for i, batch in enumerate(self.batches(epoch)[index:], start=index):
-                yield epoch, i, batch
-            epoch, index = epoch + 1, 0
 
     def token_counts(self, batch: Sequence[int]) -> tuple[int, int]:
         """(real tokens, tokens after padding to the batch's longest sample) for throughput and padding waste."""

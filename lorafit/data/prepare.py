@@ -12,7 +12,9 @@ final EOS / end-of-turn token is always kept.
 
 A prepared directory holds ``train.safetensors`` and ``val.safetensors`` (flat ``input_ids``, flat
 ``labels`` and ``offsets``, int32/int64) and ``meta.json``. Preparing the same inputs again (same source
-hash, tokenizer, style, max_seq_length, mask flag and split) reuses the directory without work.
+hash, tokenizer, style, max_seq_length, mask flag and split) reuses the directory without work. meta.json
+names the tokenizer (its file, a behaviour fingerprint and a vocabulary hash), so that data prepared with one
+tokenizer is refused for a model with another (check_prepared_tokenizer).
 """
 
 from __future__ import annotations
@@ -26,14 +28,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
+from lorafit.checkpoint import CheckpointError, read_safetensors
 from lorafit.data.prompts import alpaca_prompt, resolve_style, to_messages
 from lorafit.data.sources import DataError, file_sha256, load_records, resolve_source
+from lorafit.io import write_atomically, write_json
 
 IGNORE_INDEX = -100
 FORMAT_VERSION = 1
+MAX_DEFAULT_VAL_SIZE = 2000
 # A probe text for the tokenizer fingerprint: words, digits, whitespace runs, punctuation and non-ASCII.
 _PROBE = "Hello world! 12345  tabs\tand\nnewlines: naïve café, 東京, emoji 🙂, code `x = y**2`."
 
@@ -56,7 +61,12 @@ class PreparedInfo:
     train_tokens: int
     val_tokens: int
     tokenizer: str
+    """The tokenizer's fingerprint (see tokenizer_fingerprint)."""
     cache_key: str
+    tokenizer_name: str = ""
+    """Where the tokenizer came from, for messages (empty in directories prepared before it was recorded)."""
+    tokenizer_vocabulary: str = ""
+    """Tokenizer.vocabulary_sha256(): catches what the fingerprint's probe text cannot (empty in older directories)."""
     cached: bool = False
 
 
@@ -83,13 +93,20 @@ class TokenDataset(torch.utils.data.Dataset):
 
     @classmethod
     def load(cls, path: str | Path) -> TokenDataset:
-        """Read a dataset saved by ``save``."""
-        tensors = load_file(str(path))
+        """Read a dataset saved by ``save``; an unreadable or foreign file is a DataError naming it."""
+        try:
+            tensors = read_safetensors(path)
+        except CheckpointError as err:
+            raise DataError(f"{err}; prepare the data again") from None
+        missing = [name for name in ("input_ids", "labels", "offsets") if name not in tensors]
+        if missing:
+            raise DataError(f"{path}: not a prepared dataset file (no {', '.join(missing)} tensor)")
         return cls(tensors["input_ids"], tensors["labels"], tensors["offsets"])
 
     def save(self, path: str | Path) -> None:
-        """Write the three flat tensors to a safetensors file."""
-        save_file({"input_ids": self.input_ids, "labels": self.labels, "offsets": self.offsets}, str(path))
+        """Write the three flat tensors to a safetensors file (atomically)."""
+        tensors = {"input_ids": self.input_ids, "labels": self.labels, "offsets": self.offsets}
+        write_atomically(path, lambda tmp: save_file(tensors, str(tmp)))
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -212,10 +229,18 @@ def _truncate(length: int, response_start: int, max_len: int, keep_first: bool) 
     return prompt + response
 
 
+def default_val_size(n_records: int) -> int:
+    """The validation split when none is given: a tenth of the records, at most 2,000 (Alpaca: 2,000; 20: 2)."""
+    return min(MAX_DEFAULT_VAL_SIZE, n_records // 10)
+
+
 def split_indices(n: int, val_size: int, seed: int = 42) -> tuple[list[int], list[int]]:
     """A deterministic train/val split of range(n): the same permutation as torch's random_split."""
     if not 0 <= val_size < n:
-        raise ValueError(f"val_size {val_size} must leave training data: there are only {n} records")
+        raise DataError(
+            f"val_size {val_size} must leave training data: there are only {n} records "
+            f"(leave --val-size unset for {default_val_size(n)}, a tenth of the records, at most 2000)"
+        )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return perm[: n - val_size], perm[n - val_size :]
 
@@ -226,7 +251,7 @@ def cache_key(
     style: str | None = None,
     max_seq_length: int = 512,
     mask_prompt: bool = True,
-    val_size: int = 2000,
+    val_size: int | None = None,
     seed: int = 42,
 ) -> str:
     """The key under which prepared data is reused: everything that changes the tokens or the split."""
@@ -235,6 +260,7 @@ def cache_key(
         FORMAT_VERSION,
         source_hash,
         tokenizer_fingerprint(tokenizer),
+        _vocabulary_sha256(tokenizer),  # two vocabularies the probe text cannot tell apart must not share a cache
         style,
         max_seq_length,
         mask_prompt,
@@ -255,20 +281,48 @@ def read_info(out_dir: str | Path, key: str | None = None) -> PreparedInfo | Non
     files = [out_dir / "meta.json", out_dir / "train.safetensors", out_dir / "val.safetensors"]
     if not all(f.is_file() for f in files):
         return None
-    meta = json.loads(files[0].read_text())
-    if key is not None and meta.get("cache_key") != key:
-        return None
-    return PreparedInfo(out_dir=str(out_dir), cached=True, **meta)
+    try:
+        meta = json.loads(files[0].read_text(encoding="utf-8"))
+        if key is not None and meta.get("cache_key") != key:
+            return None
+        return PreparedInfo(out_dir=str(out_dir), cached=True, **meta)
+    except (ValueError, TypeError, AttributeError) as err:
+        raise DataError(
+            f"{files[0]}: not a lorafit prepared-dataset meta.json ({err}); prepare the data again"
+        ) from None
 
 
-def load_prepared(out_dir: str | Path) -> tuple[TokenDataset, TokenDataset]:
-    """The (train, val) datasets of a prepared directory."""
+def check_prepared_tokenizer(data_dir: str | Path, tokenizer: Any) -> None:
+    """Refuse a prepared dataset whose tokens came from another tokenizer than `tokenizer` (both are named)."""
+    info = read_info(data_dir)
+    if info is None:
+        raise FileNotFoundError(f"{data_dir}: not a prepared dataset")
+    ours = tokenizer_fingerprint(tokenizer)
+    # Older directories recorded no vocabulary hash; for them the fingerprint alone decides.
+    other_vocabulary = info.tokenizer_vocabulary and info.tokenizer_vocabulary != _vocabulary_sha256(tokenizer)
+    if info.tokenizer != ours or other_vocabulary:
+        theirs = info.tokenizer_name or "an unrecorded tokenizer"
+        raise DataError(
+            f"{data_dir}: prepared with tokenizer {theirs} (fingerprint {info.tokenizer}), but this model's "
+            f"tokenizer is {getattr(tokenizer, 'name', 'another one')} (fingerprint {ours}); prepare the data "
+            "again with this model's tokenizer"
+        )
+
+
+def _vocabulary_sha256(tokenizer: Any) -> str:
+    return tokenizer.vocabulary_sha256() if hasattr(tokenizer, "vocabulary_sha256") else ""
+
+
+def load_prepared(out_dir: str | Path, tokenizer: Any = None) -> tuple[TokenDataset, TokenDataset]:
+    """The (train, val) datasets of a prepared directory; given the model's tokenizer, checked against it first."""
     out_dir = Path(out_dir)
     if read_info(out_dir) is None:
         raise FileNotFoundError(
             f"{out_dir}: not a prepared dataset (needs meta.json, train.safetensors, "
             f"val.safetensors); run `lorafit prepare` first"
         )
+    if tokenizer is not None:
+        check_prepared_tokenizer(out_dir, tokenizer)
     return TokenDataset.load(out_dir / "train.safetensors"), TokenDataset.load(out_dir / "val.safetensors")
 
 
@@ -280,14 +334,17 @@ def prepare_dataset(
     style: str | None = None,
     max_seq_length: int = 512,
     mask_prompt: bool = True,
-    val_size: int = 2000,
+    val_size: int | None = None,
     seed: int = 42,
     source: str = "records",
     source_hash: str | None = None,
     skipped_empty: int = 0,
     progress: bool = True,
 ) -> PreparedInfo:
-    """Tokenise, split and save records into out_dir, or reuse out_dir when it already holds the same."""
+    """Tokenise, split and save records into out_dir, or reuse out_dir when it already holds the same.
+
+    val_size None takes default_val_size(len(records)); it is part of the cache key as given.
+    """
     style = resolve_style(style, tokenizer)
     key = cache_key(
         source_hash or records_sha256(records), tokenizer, style, max_seq_length, mask_prompt, val_size, seed
@@ -296,7 +353,8 @@ def prepare_dataset(
     cached = read_info(out_dir, key)
     if cached is not None:
         return cached
-    train_idx, val_idx = split_indices(len(records), val_size, seed)
+    n_val = default_val_size(len(records)) if val_size is None else val_size
+    train_idx, val_idx = split_indices(len(records), n_val, seed)
     encoded, truncated = [], 0
     for record in tqdm(records, desc="tokenising", unit="rec", file=sys.stderr, disable=not progress):
         ids, labels, was_truncated = encode_record(record, tokenizer, style, max_seq_length, mask_prompt)
@@ -314,7 +372,7 @@ def prepare_dataset(
         prompt_style=style,
         max_seq_length=max_seq_length,
         mask_prompt=mask_prompt,
-        val_size=val_size,
+        val_size=n_val,
         seed=seed,
         train=len(train),
         val=len(val),
@@ -324,10 +382,12 @@ def prepare_dataset(
         val_tokens=val.num_tokens(),
         tokenizer=tokenizer_fingerprint(tokenizer),
         cache_key=key,
+        tokenizer_name=str(getattr(tokenizer, "name", "")),
+        tokenizer_vocabulary=_vocabulary_sha256(tokenizer),
     )
     meta = {k: v for k, v in asdict(info).items() if k not in ("out_dir", "cached")}
     # meta.json goes last: its presence with this key is what marks the directory as complete.
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_json(out_dir / "meta.json", meta)
     return info
 
 
@@ -342,7 +402,7 @@ def prepare_source(
 ) -> PreparedInfo:
     """Prepare a named dataset ("alpaca", "dolly"), URL or file; an unchanged one is reused without parsing.
 
-    ``options`` are prepare_dataset's: style, max_seq_length, mask_prompt, val_size, seed.
+    ``options`` are prepare_dataset's: style, max_seq_length, mask_prompt, val_size (None: default_val_size), seed.
     """
     path = resolve_source(source)
     source_hash = file_sha256(path)

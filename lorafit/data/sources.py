@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import urllib.parse
 import urllib.request
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafit.hub import cache_dir
+from lorafit.io import write_atomically, write_json
 
 ALPACA_URL = "https://raw.githubusercontent.com/tloen/alpaca-lora/main/alpaca_data_cleaned_archive.json"
 DOLLY_URL = "https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl"
@@ -55,25 +55,72 @@ def file_sha256(path: Path) -> str:
 
 
 def download(url: str, dest_dir: Path | None = None) -> Path:
-    """Download a URL into the cache (once), printing progress; written to a temporary name, then renamed."""
+    """A URL's file in the cache: fetched once, again when the server reports another size, ETag or date.
+
+    The cache name holds a hash of the whole URL, so two URLs ending in the same file name never share a
+    copy. Offline, a cached copy is used as is; without one the error names the URL and the --source way out.
+    """
     dest_dir = Path(dest_dir) if dest_dir is not None else cache_dir() / "datasets"
     name = Path(urllib.parse.urlparse(url).path).name or "data"
-    dest = dest_dir / name
-    if dest.exists():
-        return dest
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    with urllib.request.urlopen(url) as response, open(tmp, "wb") as out:
-        total = int(response.headers.get("Content-Length") or 0)
+    dest = dest_dir / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}"
+    meta_path = dest.with_name(dest.name + ".json")
+    try:
+        response = urllib.request.urlopen(url)
+    except (OSError, ValueError) as err:  # URLError is an OSError; a malformed URL is a ValueError
+        if dest.is_file() and meta_path.is_file():
+            print(f"lorafit: {url} is unreachable ({_reason(err)}); using the cached copy {dest}", file=sys.stderr)
+            return dest
+        raise DataError(
+            f"could not download {url} ({_reason(err)}); get the file another way and pass it as a local file: "
+            "`lorafit prepare ... --source FILE` or `lorafit finetune --data FILE`"
+        ) from None
+    with response:
+        headers = response.headers
+        remote = {
+            "url": url,
+            "size": int(headers.get("Content-Length") or -1),
+            "etag": headers.get("ETag"),
+            "modified": headers.get("Last-Modified"),
+        }
+        if dest.is_file() and _same_remote(_read_cached_meta(meta_path), remote, dest):
+            return dest
+        write_atomically(dest, lambda tmp: _copy_with_progress(response, tmp, name, remote["size"]))
+    write_json(meta_path, {**remote, "size": dest.stat().st_size})
+    return dest
+
+
+def _same_remote(cached: dict[str, Any], remote: dict[str, Any], dest: Path) -> bool:
+    """True when the cached copy is what the server now offers: same URL and size, and the same ETag and
+    Last-Modified where the server sends them."""
+    if cached.get("url") != remote["url"] or dest.stat().st_size != cached.get("size"):
+        return False
+    if remote["size"] >= 0 and remote["size"] != cached["size"]:
+        return False
+    return all(not remote[key] or cached.get(key) == remote[key] for key in ("etag", "modified"))
+
+
+def _read_cached_meta(path: Path) -> dict[str, Any]:
+    """What was recorded about a cached download; {} (so it is fetched again) when missing or unreadable."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _copy_with_progress(response: Any, out: Path, name: str, total: int) -> None:
+    with open(out, "wb") as f:
         done = 0
         for chunk in iter(lambda: response.read(1 << 20), b""):
-            out.write(chunk)
+            f.write(chunk)
             done += len(chunk)
-            of_total = f" / {total / 1e6:.1f}" if total else ""
+            of_total = f" / {total / 1e6:.1f}" if total > 0 else ""
             print(f"\rdownloading {name}: {done / 1e6:.1f}{of_total} MB", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
-    os.replace(tmp, dest)
-    return dest
+
+
+def _reason(err: BaseException) -> str:
+    return str(getattr(err, "reason", None) or err)
 
 
 def resolve_source(source: str | Path) -> Path:
@@ -84,6 +131,11 @@ def resolve_source(source: str | Path) -> Path:
     if "://" in text:
         return download(text)
     path = Path(text)
+    if path.is_dir():
+        raise DataError(
+            f"{path}: a directory, but not a prepared dataset (no meta.json, train.safetensors and "
+            "val.safetensors); pass a JSON/JSONL file, or a directory written by `lorafit prepare`"
+        )
     if not path.is_file():
         raise DataError(f"{path}: no such file (and not one of {', '.join(NAMED_SOURCES)} or a URL)")
     return path
@@ -116,20 +168,10 @@ def load_records(path: str | Path, fmt: str | None = None) -> LoadedData:
     return LoadedData(records, skipped, path)
 
 
-def load_alpaca(path: str | Path) -> LoadedData:
-    """Alpaca JSON: a list of {instruction, input, output}."""
-    return load_records(path, "alpaca")
-
-
-def load_dolly(path: str | Path) -> LoadedData:
-    """Dolly JSONL: {instruction, context, response, category}, context becoming the input."""
-    return load_records(path, "dolly")
-
-
 def _read_objects(path: Path) -> Iterator[tuple[str, Any]]:
     """Yield (place, parsed object) from a JSON list ("record N") or a JSONL file ("line N")."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a leading byte-order mark (Windows editors) is not data
     except UnicodeDecodeError as e:
         raise DataError(f"{path.name}: not UTF-8 text (byte {e.start})") from None
     if not text.strip():
@@ -148,8 +190,21 @@ def _read_objects(path: Path) -> Iterator[tuple[str, Any]]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
+            if _is_one_object(text):
+                raise DataError(
+                    f"{path.name}: one JSON object spread over several lines; expected JSON Lines (one record "
+                    "per line) or a JSON list of records"
+                ) from None
             raise DataError(f"{path.name}: line {number}: invalid JSON at column {e.colno}: {e.msg}") from None
         yield f"line {number}", obj
+
+
+def _is_one_object(text: str) -> bool:
+    """True when the whole text is a single JSON object (a pretty-printed file mistaken for JSON Lines)."""
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def _to_record(obj: Any, where: str, fields: tuple[str, str, str]) -> dict[str, Any]:

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file
 
 from lorafit import distributed
 from lorafit.adapter import (
@@ -24,6 +23,7 @@ from lorafit.adapter import (
     base_state_dict,
     fold_scales,
 )
+from lorafit.checkpoint import read_safetensors
 from lorafit.io import save_safetensors, write_atomically, write_json
 from lorafit.methods.base import Method
 from lorafit.model import LLaMA
@@ -102,7 +102,7 @@ class LlamaAdapter(Method):
         weights_path = Path(run_dir) / WEIGHTS_FILE
         if not weights_path.is_file():
             raise FileNotFoundError(f"{weights_path} not found (a LLaMA-Adapter directory holds {WEIGHTS_FILE})")
-        tensors = load_file(weights_path)
+        tensors = read_safetensors(weights_path)
         self.apply(model, config)
         params = adapter_parameters(model)
         missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
