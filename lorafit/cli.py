@@ -197,29 +197,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.out, DemoConfig.quick() if args.quick else DemoConfig())
 
 
-def cmd_estimate(args: argparse.Namespace) -> None:
-    from lorafit.config import Config
-    from lorafit.estimate import format_estimate
-    from lorafit.lora import LoRAConfig
-
-    model = Path(args.model)
-    config = Config.from_hf(model / "config.json") if model.is_dir() else Config.from_name(args.model)
-    lora = LoRAConfig(r=args.lora_r, dropout=args.lora_dropout, targets=args.lora_targets)
-    print(
-        format_estimate(
-            config,
-            args.method,
-            args.micro_batch_size,
-            args.max_seq_length,
-            args.precision,
-            lora,
-            args.activation_checkpointing,
-            args.supervised_fraction,
-            args.device,
-        )
-    )
-
-
 def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     from lorafit.finetune import METHODS
 
@@ -325,27 +302,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--checkpoint", default=None, help="the base model (default: the one the run names)")
     p.set_defaults(handler=cmd_merge)
 
-    from lorafit.estimate import METHODS as ESTIMATE_METHODS
-    from lorafit.estimate import PRECISIONS
+    from lorafit import estimate
 
-    p = commands.add_parser("estimate", parents=[recipe], help="predict the peak memory of a finetuning run")
-    p.add_argument("--model", required=True, help="a known model name (e.g. llama-2-7b) or a checkpoint directory")
-    p.add_argument("--method", choices=ESTIMATE_METHODS, default="lora")
-    p.add_argument("--micro-batch-size", "--micro-batch", type=int, default=4)
-    p.add_argument("--max-seq-length", type=int, default=256)
-    p.add_argument("--precision", choices=PRECISIONS, default="bf16-true")
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
-    p.add_argument("--lora-targets", default="q,v", help="comma-separated among q,k,v,o,gate,up,down,lm_head, or all")
-    p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument(
-        "--supervised-fraction",
-        type=float,
-        default=1.0,
-        help="share of positions with a label (masked prompts lower it)",
-    )
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    p.set_defaults(handler=cmd_estimate)
+    estimate.add_command(commands, parents=[recipe])
 
     p = commands.add_parser(
         "demo", parents=[recipe], help="the whole story on the default model: measure, LoRA-finetune, measure"

@@ -27,8 +27,10 @@ workspaces, the data loader; a GPU run's reported reserved memory is that much h
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import argparse
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -133,15 +135,18 @@ class SavedTensors:
     def __exit__(self, *exc: object) -> None:
         self._hooks.__exit__(*exc)
 
-    def nbytes(self, exclude: Iterable[torch.Tensor] = (), label: object = ...) -> int:
-        """Bytes of the recorded storages, less those behind `exclude` (parameters, persistent tables);
-        only those first saved under `label` when it is given."""
+    def nbytes(self, exclude: Iterable[torch.Tensor] = ()) -> int:
+        """Bytes of the recorded storages, less those behind `exclude` (parameters, persistent tables)."""
+        return sum(self.nbytes_by_label(exclude).values())
+
+    def nbytes_by_label(self, exclude: Iterable[torch.Tensor] = ()) -> dict[object, int]:
+        """nbytes split by the label each storage was first saved under."""
         skip = {_storage_key(t) for t in exclude}
-        return sum(
-            s.nbytes()
-            for key, s in self.storages.items()
-            if key not in skip and (label is ... or self.labels[key] == label)
-        )
+        totals: dict[object, int] = {}
+        for key, storage in self.storages.items():
+            if key not in skip:
+                totals[self.labels[key]] = totals.get(self.labels[key], 0) + storage.nbytes()
+        return totals
 
 
 def build_model(
@@ -265,10 +270,11 @@ def _trace_step(
                 hook.remove()
         rope = list(model._rope)
         persistent = [*model.parameters(), *model.buffers(), *rope]
+        by_block = saved.nbytes_by_label(persistent)
         fused = any("LinearCrossEntropy" in name for name in _graph_names(loss)) if loss.requires_grad else False
         return _Trace(
             activations=saved.nbytes(persistent),
-            per_block=[saved.nbytes(persistent, label=i) for i in range(len(model.layers))],
+            per_block=[by_block.get(i, 0) for i in range(len(model.layers))],
             fused_head=fused,
             model=model,
             rope_bytes=sum(t.untyped_storage().nbytes() for t in rope),
@@ -397,3 +403,78 @@ def format_estimate(
         f"({100 * est.trainable_params / est.total_params:.3f}%)\n"
     )
     return header + est.table() + "\n" + "".join(f"- {note}\n" for note in est.notes)
+
+
+def config_for(spec: str | None) -> Config:
+    """The Config of a checkpoint path (directory, .gguf, ...), a known model name or its repo id; downloads nothing."""
+    from lorafit.checkpoint import load_config
+    from lorafit.hub import DEFAULT_MODEL
+
+    if spec is not None and Path(spec).exists():
+        return load_config(spec)
+    try:
+        return Config.from_name(spec or DEFAULT_MODEL)
+    except ValueError as err:
+        raise ValueError(f"--checkpoint: {err}; or give a checkpoint path (lorafit download fetches one)") from err
+
+
+def add_command(commands: argparse._SubParsersAction, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
+    """The `estimate` subcommand: its flags and handler."""
+    p = commands.add_parser(
+        "estimate",
+        parents=list(parents),
+        help="predict the peak memory of a finetuning run",
+        description="Predict the peak memory of a finetuning run without loading weights, e.g.\n"
+        "  lorafit estimate --checkpoint Llama-2-7B --method lora --lora-targets q,v --micro-batch-size 4",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    lora, adapter = LoRAConfig(), AdapterConfig()
+    p.add_argument(
+        "--checkpoint",
+        "--model",
+        default=None,
+        help="a checkpoint directory or .gguf file, or a known model name or its repo id (default: %(default)s, "
+        "i.e. the embedded SmolLM2-135M-Instruct); only the config is read",
+    )
+    p.add_argument("--method", choices=METHODS, default="lora", help="default: %(default)s")
+    p.add_argument("--micro-batch-size", "--micro-batch", type=int, default=4, help="default: %(default)s")
+    p.add_argument("--max-seq-length", type=int, default=256, help="default: %(default)s")
+    p.add_argument("--precision", choices=PRECISIONS, default="bf16-true", help="default: %(default)s")
+    p.add_argument("--lora-r", type=int, default=lora.r, help="default: %(default)s")
+    p.add_argument("--lora-dropout", type=float, default=lora.dropout, help="default: %(default)s")
+    p.add_argument(
+        "--lora-targets",
+        default=",".join(lora.targets),
+        help="comma-separated among q,k,v,o,gate,up,down,lm_head, or all (default: %(default)s)",
+    )
+    p.add_argument("--adapter-prompt-length", type=int, default=adapter.prompt_length, help="default: %(default)s")
+    p.add_argument("--adapter-start-layer", type=int, default=adapter.start_layer, help="default: %(default)s")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument(
+        "--supervised-fraction",
+        type=float,
+        default=1.0,
+        help="share of positions with a label; masked prompts lower it (default: %(default)s)",
+    )
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="default: %(default)s")
+    p.set_defaults(handler=_run_command)
+
+
+def _run_command(args: argparse.Namespace) -> None:
+    lora = LoRAConfig(r=args.lora_r, dropout=args.lora_dropout, targets=args.lora_targets)
+    adapter = AdapterConfig(prompt_length=args.adapter_prompt_length, start_layer=args.adapter_start_layer)
+    print(
+        format_estimate(
+            config_for(args.checkpoint),
+            args.method,
+            args.micro_batch_size,
+            args.max_seq_length,
+            args.precision,
+            lora,
+            args.activation_checkpointing,
+            args.supervised_fraction,
+            args.device,
+            adapter,
+        ),
+        end="",
+    )

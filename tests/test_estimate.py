@@ -8,6 +8,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from lorafit.adapter import AdapterConfig
+from lorafit.checkpoint import load_config
+from lorafit.cli import main
 from lorafit.config import Config
 from lorafit.estimate import SavedTensors, count_parameters, estimate_memory, format_estimate
 from lorafit.finetune import setup_method
@@ -49,16 +51,20 @@ def test_saved_tensors_counts_each_storage_once():
     w = torch.randn(16, 4, requires_grad=True)
     with SavedTensors() as saved:
         y = x @ w  # saves x and w
+        saved.label = "square"
         z = (y * y).sum()  # saves y (twice: one storage)
     assert saved.nbytes() == (8 * 16 + 16 * 4 + 8 * 4) * 4
+    assert saved.nbytes_by_label() == {None: (8 * 16 + 16 * 4) * 4, "square": 8 * 4 * 4}
     assert saved.nbytes(exclude=[w, x[:2]]) == 8 * 4 * 4  # a view excludes its whole storage
     assert z.requires_grad
 
 
-def _small_model(method: str, precision: str, adapter: AdapterConfig | None = None) -> LLaMA:
+def _small_model(
+    method: str, precision: str, lora: LoRAConfig | None = None, adapter: AdapterConfig | None = None
+) -> LLaMA:
     torch.manual_seed(0)
     model = LLaMA(SMALL).to(torch.bfloat16 if precision == "bf16-true" else torch.float32)
-    setup_method(model, method, LoRAConfig(), adapter or AdapterConfig())
+    setup_method(model, method, lora or LoRAConfig(), adapter or AdapterConfig())
     return model.train()
 
 
@@ -70,30 +76,35 @@ def _masked_batch(batch: int, length: int, prompt: int) -> tuple[torch.Tensor, t
     return input_ids, labels, (labels[:, 1:] != -100).float().mean().item()
 
 
+HEAD_LORA = LoRAConfig(r=4, dropout=0.0, targets="q,k,v,o,gate,up,down,lm_head")  # the head is recomputed per chunk
+
+
 @pytest.mark.parametrize(
-    ("method", "precision", "checkpointing", "adapter"),
+    ("method", "precision", "checkpointing", "lora", "adapter", "prompt"),
     [
-        ("lora", "32-true", False, None),
-        ("full", "32-true", False, None),
-        ("lora", "bf16-mixed", False, None),
-        ("full", "bf16-true", False, None),
-        ("adapter", "32-true", False, AdapterConfig(prompt_length=24, start_layer=1)),
-        ("adapter-v2", "bf16-mixed", False, None),
-        ("adapter-v2", "bf16-true", False, AdapterConfig(prompt_length=3, start_layer=0)),
-        ("lora", "32-true", True, None),
-        ("full", "bf16-mixed", True, None),
+        ("lora", "32-true", False, None, None, 20),
+        ("full", "32-true", False, None, None, 20),
+        ("lora", "bf16-mixed", False, None, None, 20),
+        ("full", "bf16-true", False, None, None, 20),
+        ("lora", "bf16-true", False, HEAD_LORA, None, 20),
+        ("lora", "32-true", False, None, None, 64),  # nothing supervised
+        ("adapter", "32-true", False, None, AdapterConfig(prompt_length=24, start_layer=1), 20),
+        ("adapter-v2", "bf16-mixed", False, None, None, 20),
+        ("adapter-v2", "bf16-true", False, None, AdapterConfig(prompt_length=3, start_layer=0), 20),
+        ("lora", "32-true", True, None, None, 20),
+        ("full", "bf16-mixed", True, None, None, 20),
     ],
 )
-def test_activations_match_the_tensors_autograd_saves(method, precision, checkpointing, adapter):
-    model = _small_model(method, precision, adapter)
+def test_activations_match_the_tensors_autograd_saves(method, precision, checkpointing, lora, adapter, prompt):
+    model = _small_model(method, precision, lora, adapter)
     model.activation_checkpointing = checkpointing
-    input_ids, labels, fraction = _masked_batch(2, 64, 20)
+    input_ids, labels, fraction = _masked_batch(2, 64, prompt)
     with SavedTensors() as saved, autocast(precision, torch.device("cpu")):
         saved.add(input_ids)  # the loop holds the batch too, as the estimate counts
         saved.add(labels)
         supervised_loss_sum(model, input_ids, labels)
     measured = saved.nbytes(exclude=[*model.parameters(), *model._rope])
-    est = estimate_memory(SMALL, method, 2, 64, precision, LoRAConfig(), checkpointing, fraction, "cpu", adapter)
+    est = estimate_memory(SMALL, method, 2, 64, precision, lora, checkpointing, fraction, "cpu", adapter)
     assert est.activations == measured  # the same step, traced on fake tensors: byte for byte
 
 
@@ -141,14 +152,23 @@ def measured_peak_bytes(model: LLaMA, input_ids: torch.Tensor, labels: torch.Ten
 
 
 @pytest.mark.parametrize(
-    ("method", "precision"),
-    [("lora", "32-true"), ("lora", "bf16-true"), ("full", "32-true"), ("full", "bf16-true"), ("adapter-v2", "32-true")],
+    ("method", "precision", "checkpointing"),
+    [
+        ("lora", "32-true", False),
+        ("lora", "bf16-true", False),
+        ("full", "32-true", False),
+        ("full", "bf16-true", False),
+        ("adapter-v2", "32-true", False),
+        ("lora", "32-true", True),
+        ("full", "bf16-true", True),
+    ],
 )
-def test_estimate_within_25_percent_of_measured_peak(method, precision):
+def test_estimate_within_25_percent_of_measured_peak(method, precision, checkpointing):
     model = _small_model(method, precision)
+    model.activation_checkpointing = checkpointing
     input_ids, labels, fraction = _masked_batch(2, 128, 64)  # a masked prompt: half the positions reach the head
     measured = measured_peak_bytes(model, input_ids, labels, precision)
-    est = estimate_memory(SMALL, method, 2, 128, precision, supervised_fraction=fraction, device="cpu")
+    est = estimate_memory(SMALL, method, 2, 128, precision, None, checkpointing, fraction, "cpu")
     assert 0.75 <= est.total / measured <= 1.25, (est, measured)
 
 
@@ -166,6 +186,18 @@ def test_bad_input_is_named():
         estimate_memory(SMALL, "qlora", 1, 128, "32-true")
     with pytest.raises(ValueError, match="precision must be one of 32-true, bf16-mixed, bf16-true; got 'fp16'"):
         estimate_memory(SMALL, "lora", 1, 128, "fp16")
+
+
+def test_cli_reads_the_checkpoint_config_and_the_method_flags(tiny_checkpoint, capsys):
+    flags = ["--method", "adapter", "--adapter-prompt-length", "5", "--adapter-start-layer", "1"]
+    main(["estimate", "--checkpoint", str(tiny_checkpoint), *flags])
+    out = capsys.readouterr().out
+    model = LLaMA(load_config(tiny_checkpoint))
+    trainable = setup_method(model, "adapter", None, AdapterConfig(prompt_length=5, start_layer=1))
+    assert f"trainable parameters: {trainable:,} of {sum(p.numel() for p in model.parameters()):,}" in out
+    assert "adapter 5 prompt tokens from layer 1" in out
+    with pytest.raises(SystemExit, match="lorafit estimate: error: --checkpoint: unknown model name 'no-such-model'"):
+        main(["estimate", "--checkpoint", "no-such-model"])
 
 
 def test_format_estimate_reports_counts_and_a_gib_table():
