@@ -36,13 +36,14 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from lorafit.adapter import ADAPTER_WEIGHTS, AdapterConfig
+from lorafit.adapter import AdapterConfig
 from lorafit.data import load_prepared, prepare_source
 from lorafit.finetune import finetune
 from lorafit.generate import LLM, GenerationStats, generate
 from lorafit.hub import resolve_checkpoint
 from lorafit.lora import ADAPTER_WEIGHTS as LORA_WEIGHTS
 from lorafit.lora import LoRAConfig
+from lorafit.methods.llama_adapter import WEIGHTS_FILE as ADAPTER_WEIGHTS
 from lorafit.tokenizer import Tokenizer
 from lorafit.train import TrainConfig, evaluate
 
@@ -129,8 +130,9 @@ def run_method(args: argparse.Namespace, method: str) -> dict:
         out |= {"trainable": 0, "peak_rss_bytes": peak_rss_bytes()}
     else:
         torch.manual_seed(cfg.seed)
+        method_config = {"lora": LORA, "adapter": ADAPTER, "adapter-v2": ADAPTER}.get(method)
         result = finetune(
-            method, args.data_dir, run_dir, args.checkpoint, cfg, lora=LORA, adapter=ADAPTER, progress=False
+            method, args.data_dir, run_dir, args.checkpoint, cfg, method_config, overwrite=True, progress=False
         )
         out = {
             "val_loss": result.final_val_loss,
@@ -138,7 +140,7 @@ def run_method(args: argparse.Namespace, method: str) -> dict:
             "trainable": tensor_elements(saved_file(method, run_dir, base)),
             **train_timing(run_dir, result.tokens_per_s * result.seconds),
         }
-        llm = LLM.load(run_dir / "model") if method == "full" else LLM.load(args.checkpoint, adapter=run_dir)
+        llm = LLM.load(args.checkpoint, adapter=run_dir)
     out["file_bytes"] = saved_file(method, run_dir, base).stat().st_size
     return out | generation(llm, args.new_tokens)
 

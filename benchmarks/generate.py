@@ -75,7 +75,7 @@ def parse_args() -> argparse.Namespace:
 
 def run_worker(args: argparse.Namespace) -> dict:
     """Warm up, then time --runs generations of one engine; the medians as a dict."""
-    from lorafit.generate import peak_memory_bytes
+    from lorafit.runtime import peak_memory_bytes
     from lorafit.tokenizer import Tokenizer
 
     torch.set_num_threads(args.threads)

@@ -46,12 +46,12 @@ import torch
 from torch import nn
 
 from lorafit.config import Config
-from lorafit.data import TokenDataset, collate
+from lorafit.data import IGNORE_INDEX, TokenDataset, collate
 from lorafit.estimate import GIB, estimate_memory, linear_shapes
-from lorafit.generate import peak_memory_bytes
 from lorafit.lora import LoRAConfig, apply_lora
 from lorafit.model import LLaMA
-from lorafit.train import IGNORE_INDEX, TrainConfig, learning_rate_at, train
+from lorafit.runtime import peak_memory_bytes
+from lorafit.train import TrainConfig, learning_rate_at, train
 
 LORA = LoRAConfig(r=8, alpha=16, dropout=0.05, targets=("q", "v"))
 MICRO_BATCH = 4

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import torch
 
-from lorafit.data import TokenDataset, collate
+from lorafit.data import IGNORE_INDEX, TokenDataset, collate
 from lorafit.lora import TARGETS, LoRAConfig
-from lorafit.train import IGNORE_INDEX
 
 
 def peak_rss_bytes() -> int:

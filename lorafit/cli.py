@@ -252,17 +252,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_estimate(args: argparse.Namespace) -> None:
     import torch
 
-    from lorafit.checkpoint import load_config
-    from lorafit.config import Config
-    from lorafit.estimate import format_estimate
-    from lorafit.hub import DEFAULT_MODEL, resolve_checkpoint
+    from lorafit.estimate import config_for, format_estimate
     from lorafit.runtime import resolve_precision
 
-    spec = args.checkpoint or DEFAULT_MODEL
-    try:  # a known name needs no download: its config is in the zoo
-        config = Config.from_name(str(spec))
-    except ValueError:
-        config = load_config(resolve_checkpoint(spec))
+    config = config_for(args.checkpoint)  # reads only a config: downloads nothing
     method, method_config = method_config_from_args(args)
     # The device the run would train on need not be here: only its type matters.
     precision = resolve_precision(args.precision, torch.device(args.device))
@@ -405,7 +398,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[tuple[str, str | None]
     cmd.add("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the base's dtype")
 
     def estimate_flags(leaf: Leaf) -> None:
-        leaf.add("--checkpoint", default=None, help="the model: " + CHECKPOINT_HELP)
+        leaf.add(
+            "--checkpoint", "--model", default=None, help="the model (only its config is read): " + CHECKPOINT_HELP
+        )
         only = ("micro_batch_size", "max_seq_length", "precision", "activation_checkpointing")
         leaf.add_dataclass(TrainConfig, only=only)
         leaf.add("--supervised-fraction", type=float, default=1.0, help="share of positions with a label")

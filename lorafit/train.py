@@ -335,13 +335,20 @@ class TrainResult:
 
 
 def evaluate(
-    model: LLaMA, val_set, cfg: TrainConfig, pad_id: int, device: torch.device, loss_module: nn.Module | None = None
+    model: LLaMA,
+    val_set,
+    cfg: TrainConfig,
+    pad_id: int,
+    device: torch.device,
+    loss_module: nn.Module | None = None,
+    fused_head: bool = True,
 ) -> float:
     """Mean per-token validation loss over the first eval_batches length-sorted micro-batches.
 
     Under torch.distributed pass train's wrapped loss_module: the batches are shared out among the ranks.
+    Otherwise `fused_head` is the method's Method.fused_head, as for train.
     """
-    loss_module = loss_module or SupervisedLoss(model)
+    loss_module = loss_module or SupervisedLoss(model, fused_head)
     order = sorted(range(len(val_set)), key=lambda i: val_set.lengths[i])
     batches = [order[i : i + cfg.micro_batch_size] for i in range(0, len(order), cfg.micro_batch_size)]
     if cfg.eval_batches:

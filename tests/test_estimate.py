@@ -1,4 +1,5 @@
-"""The memory estimate: exact parameter counts, and the peak against tensor memory measured on the CPU."""
+"""The memory estimate: exact parameter counts, traced activations against a real step, the peak against
+tensor memory measured on the CPU."""
 
 from __future__ import annotations
 
@@ -6,25 +7,36 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from lorafit.adapter import AdapterConfig
+from lorafit.checkpoint import load_config
+from lorafit.cli import main
 from lorafit.config import Config
-from lorafit.estimate import count_parameters, estimate_memory, format_estimate
+from lorafit.estimate import SavedTensors, count_parameters, estimate_memory, format_estimate
 from lorafit.lora import LoRAConfig
 from lorafit.methods import get_method
 from lorafit.model import LLaMA
-from lorafit.train import TrainConfig, autocast, make_optimizer, supervised_loss_sum
+from lorafit.runtime import autocast
+from lorafit.train import TrainConfig, make_optimizer, supervised_loss_sum
 
 SMALL = Config(vocab_size=4096, n_layer=4, n_embd=256, n_head=4, n_kv_head=2, intermediate_size=688)
+LLAMA2_7B_PARAMS = 6_738_415_616
 
 
 @pytest.mark.parametrize(
-    ("method", "expected"),
-    [("lora", 4_194_304), ("adapter", 1_229_760), ("adapter-v2", 4_279_744), ("full", 6_738_415_616)],
+    ("method", "expected", "added"),
+    [
+        ("lora", 4_194_304, 4_194_304),
+        ("adapter", 1_229_760, 1_229_760),
+        # v2 also trains the base's 65 RMSNorm weights; only the biases and scales are new: 2 x (32 x 44_032 + 32_000).
+        ("adapter-v2", 4_279_744, 4_013_504),
+        ("full", LLAMA2_7B_PARAMS, 0),
+    ],
 )
-def test_llama2_7b_trainable_counts(method, expected):
-    trainable, total, _ = count_parameters(Config.from_name("Llama-2-7B"), method, LoRAConfig(r=8, targets="q,v"))
+def test_llama2_7b_trainable_counts(method, expected, added):
+    config = LoRAConfig(r=8, targets="q,v") if method == "lora" else None
+    trainable, total, _ = count_parameters(Config.from_name("Llama-2-7B"), method, config)
     assert trainable == expected
-    added = 0 if method == "full" else expected  # LoRA and adapters add their weights beside the frozen base
-    assert total == 6_738_415_616 + added
+    assert total == LLAMA2_7B_PARAMS + added
 
 
 def test_lora_count_matches_a_real_model():
@@ -36,12 +48,85 @@ def test_lora_count_matches_a_real_model():
     assert total == sum(p.numel() for p in model.parameters())
 
 
-def _live_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind `tensors`."""
-    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+def test_saved_tensors_counts_each_storage_once():
+    x = torch.randn(8, 16, requires_grad=True)
+    w = torch.randn(16, 4, requires_grad=True)
+    with SavedTensors() as saved:
+        y = x @ w  # saves x and w
+        saved.label = "square"
+        z = (y * y).sum()  # saves y (twice: one storage)
+    assert saved.nbytes() == (8 * 16 + 16 * 4 + 8 * 4) * 4
+    assert saved.nbytes_by_label() == {None: (8 * 16 + 16 * 4) * 4, "square": 8 * 4 * 4}
+    assert saved.nbytes(exclude=[w, x[:2]]) == 8 * 4 * 4  # a view excludes its whole storage
+    assert z.requires_grad
 
 
-def measured_peak_bytes(model: LLaMA, input_ids: torch.Tensor, labels: torch.Tensor, precision: str) -> int:
+def _small_model(method: str, precision: str, config: LoRAConfig | AdapterConfig | None = None) -> LLaMA:
+    torch.manual_seed(0)
+    model = LLaMA(SMALL).to(torch.bfloat16 if precision == "bf16-true" else torch.float32)
+    get_method(method).apply(model, config or get_method(method).default_config())
+    return model.train()
+
+
+def _fused(method: str, config: LoRAConfig | AdapterConfig | None = None) -> bool:
+    return get_method(method).fused_head(config or get_method(method).default_config())
+
+
+def _masked_batch(batch: int, length: int, prompt: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Random ids and labels whose first `prompt` positions are masked, and the supervised fraction."""
+    input_ids = torch.randint(0, SMALL.vocab_size, (batch, length))
+    labels = input_ids.clone()
+    labels[:, :prompt] = -100
+    return input_ids, labels, (labels[:, 1:] != -100).float().mean().item()
+
+
+HEAD_LORA = LoRAConfig(r=4, dropout=0.0, targets="q,k,v,o,gate,up,down,lm_head")  # the head is recomputed per chunk
+
+
+@pytest.mark.parametrize(
+    ("method", "precision", "checkpointing", "lora", "adapter", "prompt"),
+    [
+        ("lora", "32-true", False, None, None, 20),
+        ("full", "32-true", False, None, None, 20),
+        ("lora", "bf16-mixed", False, None, None, 20),
+        ("full", "bf16-true", False, None, None, 20),
+        ("lora", "bf16-true", False, HEAD_LORA, None, 20),
+        ("lora", "32-true", False, None, None, 64),  # nothing supervised
+        ("adapter", "32-true", False, None, AdapterConfig(prompt_length=24, start_layer=1), 20),
+        ("adapter-v2", "bf16-mixed", False, None, None, 20),
+        ("adapter-v2", "bf16-true", False, None, AdapterConfig(prompt_length=3, start_layer=0), 20),
+        ("lora", "32-true", True, None, None, 20),
+        ("full", "bf16-mixed", True, None, None, 20),
+    ],
+)
+def test_activations_match_the_tensors_autograd_saves(method, precision, checkpointing, lora, adapter, prompt):
+    config = lora or adapter
+    model = _small_model(method, precision, config)
+    model.activation_checkpointing = checkpointing
+    input_ids, labels, fraction = _masked_batch(2, 64, prompt)
+    with SavedTensors() as saved, autocast(precision, torch.device("cpu")):
+        saved.add(input_ids)  # the loop holds the batch too, as the estimate counts
+        saved.add(labels)
+        supervised_loss_sum(model, input_ids, labels, _fused(method, config))
+    measured = saved.nbytes(exclude=[*model.parameters(), *model._rope])
+    est = estimate_memory(SMALL, method, 2, 64, precision, config, checkpointing, fraction, "cpu")
+    assert est.activations == measured  # the same step, traced on fake tensors: byte for byte
+
+
+def test_adapter_prompt_length_and_start_layer_are_honoured():
+    config = Config.from_name("Llama-2-7B")
+    default = estimate_memory(config, "adapter", 1, 64, "bf16-true")
+    longer = estimate_memory(config, "adapter", 1, 64, "bf16-true", method_config=AdapterConfig(prompt_length=20))
+    later = estimate_memory(config, "adapter", 1, 64, "bf16-true", method_config=AdapterConfig(start_layer=16))
+    # 10 more prompt vectors in each of the 30 adapted layers: their weights, gradients and AdamW state.
+    assert longer.trainable_params - default.trainable_params == 10 * 30 * 4096
+    assert longer.activations > default.activations
+    assert later.activations < default.activations  # layers below the first prompt save nothing
+
+
+def measured_peak_bytes(
+    model: LLaMA, input_ids: torch.Tensor, labels: torch.Tensor, precision: str, fused_head: bool
+) -> int:
     """Peak tensor memory of a steady-state train.py step: live bytes before it plus the profiler's allocation peak.
 
     The first step creates AdamW's state; the second is profiled, and every CPU allocation and free it
@@ -52,7 +137,7 @@ def measured_peak_bytes(model: LLaMA, input_ids: torch.Tensor, labels: torch.Ten
 
     def step() -> None:
         with autocast(precision, device):
-            loss = supervised_loss_sum(model, input_ids, labels) / input_ids.numel()
+            loss = supervised_loss_sum(model, input_ids, labels, fused_head) / input_ids.numel()
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
@@ -60,7 +145,9 @@ def measured_peak_bytes(model: LLaMA, input_ids: torch.Tensor, labels: torch.Ten
 
     step()
     states = [t for state in optimizer.state.values() for t in state.values() if t.ndim]
-    before = _live_bytes([*model.parameters(), *states, *model._rope])
+    before = SavedTensors()
+    for t in [*model.parameters(), *states, *model._rope]:
+        before.add(t)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
@@ -68,45 +155,28 @@ def measured_peak_bytes(model: LLaMA, input_ids: torch.Tensor, labels: torch.Ten
     for _, nbytes in events:
         live += nbytes
         peak = max(peak, live)
-    return before + peak
+    return before.nbytes() + peak
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
-def test_estimate_within_25_percent_of_measured_peak(method, precision):
-    torch.manual_seed(0)
-    model = LLaMA(SMALL).to(torch.bfloat16 if precision == "bf16-true" else torch.float32)
-    get_method(method).apply(model, LoRAConfig() if method == "lora" else None)
-    model.train()
-    input_ids = torch.randint(0, SMALL.vocab_size, (2, 128))
-    labels = input_ids.clone()
-    labels[:, :64] = -100  # a masked prompt: half the positions reach the LM head
-    measured = measured_peak_bytes(model, input_ids, labels, precision)
-    fraction = (labels[:, 1:] != -100).float().mean().item()
-    est = estimate_memory(SMALL, method, 2, 128, precision, supervised_fraction=fraction, device="cpu")
+@pytest.mark.parametrize(
+    ("method", "precision", "checkpointing"),
+    [
+        ("lora", "32-true", False),
+        ("lora", "bf16-true", False),
+        ("full", "32-true", False),
+        ("full", "bf16-true", False),
+        ("adapter-v2", "32-true", False),
+        ("lora", "32-true", True),
+        ("full", "bf16-true", True),
+    ],
+)
+def test_estimate_within_25_percent_of_measured_peak(method, precision, checkpointing):
+    model = _small_model(method, precision)
+    model.activation_checkpointing = checkpointing
+    input_ids, labels, fraction = _masked_batch(2, 128, 64)  # a masked prompt: half the positions reach the head
+    measured = measured_peak_bytes(model, input_ids, labels, precision, _fused(method))
+    est = estimate_memory(SMALL, method, 2, 128, precision, None, checkpointing, fraction, "cpu")
     assert 0.75 <= est.total / measured <= 1.25, (est, measured)
-
-
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_activations_match_the_tensors_autograd_saves(method):
-    torch.manual_seed(0)
-    model = LLaMA(SMALL)
-    get_method(method).apply(model, LoRAConfig() if method == "lora" else None)
-    model.train()
-    input_ids = torch.randint(0, SMALL.vocab_size, (2, 64))
-    saved = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        supervised_loss_sum(model, input_ids, input_ids.clone())
-    persistent = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model._rope]}
-    measured = sum(n for ptr, n in saved.items() if ptr not in persistent)
-    est = estimate_memory(SMALL, method, 2, 64, "32-true", device="cpu")
-    batch = 2 * input_ids.numel() * 8  # the estimate also counts the ids and labels the loop holds
-    assert est.activations - batch == pytest.approx(measured, rel=0.02)
 
 
 def test_activation_checkpointing_saves_memory_and_bf16_halves_lora_weights():
@@ -125,8 +195,22 @@ def test_bad_input_is_named():
         estimate_memory(SMALL, "lora", 1, 128, "fp16")
 
 
+def test_cli_reads_the_checkpoint_config_and_the_method_flags(tiny_checkpoint, capsys):
+    flags = ["--adapter-prompt-length", "5", "--adapter-start-layer", "1"]
+    main(["estimate", "adapter", "--checkpoint", str(tiny_checkpoint), *flags])
+    out = capsys.readouterr().out
+    model = LLaMA(load_config(tiny_checkpoint))
+    trainable = get_method("adapter").apply(model, AdapterConfig(prompt_length=5, start_layer=1))
+    assert f"trainable parameters: {trainable:,} of {sum(p.numel() for p in model.parameters()):,}" in out
+    assert "adapter (5 prompt tokens from layer 1)" in out
+    with pytest.raises(SystemExit) as exit:
+        main(["estimate", "lora", "--checkpoint", "no-such-model"])
+    assert exit.value.code == 2
+    assert "lorafit estimate: error: --checkpoint: unknown model name 'no-such-model'" in capsys.readouterr().err
+
+
 def test_format_estimate_reports_counts_and_a_gib_table():
     text = format_estimate(Config.from_name("Llama-2-7B"), "lora", 4, 256, "bf16-true")
     assert "trainable parameters: 4,194,304 of 6,742,609,920" in text
     assert "| **peak total** |" in text
-    assert "r=8 on q,v" in text
+    assert "r=8, alpha=16 on q,v" in text
