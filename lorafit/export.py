@@ -451,27 +451,25 @@ def _go_template(tokenizer: Tokenizer) -> tuple[str | None, str | None]:
     """(Go template, default system prompt) when the Jinja template renders exactly like a known style."""
     if not tokenizer.chat_template:
         return None, None
-    bos = tokenizer._special.get("bos_token") or ""
     try:
         rendered = tokenizer.apply_chat_template(_PROBE)
         alone = tokenizer.apply_chat_template(_PROBE[1:2])
     except Exception:  # a template that needs other variables is simply not one of the known styles
         return None, None
     # llama.cpp and Ollama add BOS themselves; a template that writes it too is still the same style.
-    rendered, alone = (text.removeprefix(bos) if bos else text for text in (rendered, alone))
+    bos = tokenizer._special.get("bos_token") or ""
     for turn, prompt, go in _STYLES.values():
-        if rendered != "".join(turn.format(**m) for m in _PROBE) + prompt:
+        expected = "".join(turn.format(**m) for m in _PROBE) + prompt
+        if rendered not in (expected, bos + expected):
             continue
-        # A template that adds a system message when none is given: Ollama's SYSTEM does the same.
+        alone = alone.removeprefix(bos) if rendered != expected else alone
         user_only = turn.format(**_PROBE[1]) + prompt
-        head, _, rest = alone.partition(user_only)
-        if rest or not alone.endswith(user_only):
-            return None, None
-        if not head:
+        if alone == user_only:
             return go, None
-        system_turn = turn.format(role="system", content="\x00")
-        before, _, after = system_turn.partition("\x00")
-        if head.startswith(before) and head.endswith(after):
+        # A template that adds a system message when none is given: Ollama's SYSTEM does the same.
+        before, _, after = turn.format(role="system", content="\x00").partition("\x00")
+        head = alone.removesuffix(user_only)
+        if alone.endswith(user_only) and head.startswith(before) and head.endswith(after):
             return go, head[len(before) : len(head) - len(after)]
         return None, None
     return None, None

@@ -256,6 +256,16 @@ def test_modelfile_converts_chatml_and_falls_back_plainly(tiny_checkpoint: Path)
     assert 'SYSTEM """You are helpful."""' in text
     assert 'PARAMETER stop "</s>"' in text
 
+    # Llama 3 style, writing BOS itself (llama.cpp adds it, so the Go template must not).
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+    )
+    text = ollama_modelfile(tokenizer, "./m.gguf")
+    assert 'TEMPLATE """{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n' in text
+    assert "<s>" not in text and "SYSTEM" not in text
+
     tokenizer.chat_template = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     text = ollama_modelfile(tokenizer, "./m.gguf")
     assert 'TEMPLATE """{{ .Prompt }}"""' in text and "# The chat template is not one lorafit converts" in text
