@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,10 +10,12 @@ import pytest
 import torch
 
 from lorafit.adapter import AdapterConfig, AdapterV2Linear, apply_adapter, save_adapter
-from lorafit.checkpoint import half_to_interleaved, load_model, read_gguf
+from lorafit.checkpoint import half_to_interleaved, load_model, read_gguf, save_hf_model
 from lorafit.cli import main
+from lorafit.config import Config, RopeScaling
 from lorafit.export import ExportError, export, gguf_tensor_name, merged_model, ollama_modelfile
 from lorafit.lora import LoRAConfig, apply_lora, lora_modules, save_peft_adapter
+from lorafit.model import LLaMA
 from lorafit.tokenizer import Tokenizer
 
 gguf = pytest.importorskip("gguf")
@@ -124,6 +127,37 @@ def test_norms_stay_f32_and_matrices_take_the_outtype(tiny_checkpoint: Path, tmp
     assert types["token_embd.weight"] == gguf.GGMLQuantizationType.Q8_0
 
 
+def test_full_run_gguf_and_rope_scaling_export_as_is(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    # A full finetuning run keeps its model in run/model; an exported .gguf is a checkpoint like any other.
+    shutil.copytree(tiny_checkpoint, tmp_path / "run" / "model")
+    first, _ = export(tmp_path / "run", tmp_path / "first.gguf")
+    again, _ = export(first, tmp_path / "again.gguf")
+    _, a = read_gguf(first)
+    _, b = read_gguf(again)
+    assert all(torch.equal(a[name], b[name]) for name in a) and a.keys() == b.keys()
+    assert Tokenizer.from_gguf(again).encode(TEXT) == Tokenizer.from_checkpoint(tiny_checkpoint).encode(TEXT)
+
+    # Llama 3 RoPE scaling travels as llama.cpp's rope_freqs tensor (per-frequency divisors: with theta 5e5 and
+    # head_dim 8 one frequency is scaled fully, one partly); a tied head as no output tensor.
+    scaling = RopeScaling(factor=8.0)
+    config = Config(
+        vocab_size=512, n_layer=1, n_embd=32, n_head=4, n_kv_head=2, intermediate_size=64, block_size=256,
+        rope_theta=500000.0, rope_scaling=scaling, tie_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(3)
+    model = LLaMA(config)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, 0, 0.5)
+    save_hf_model(model.state_dict(), config, tmp_path / "llama3")
+    Tokenizer.from_checkpoint(tiny_checkpoint).save(tmp_path / "llama3")
+    out, _ = export(tmp_path / "llama3", tmp_path / "llama3.gguf")
+    names = {t.name for t in gguf.GGUFReader(out).tensors}
+    assert "rope_freqs.weight" in names and "output.weight" not in names
+    back = load_model(out)
+    assert back.config.rope_scaling == scaling and back.config.tie_embeddings
+    assert _relative_error(_logits(model.eval(), _ids()), _logits(back, _ids())) <= LOGIT_TOLERANCE["f32"]
+
+
 def test_tokenizer_round_trips(tiny_checkpoint: Path, tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     out, _ = export(tiny_checkpoint, tmp_path / "m.gguf")
@@ -173,6 +207,12 @@ def test_adapter_file_reproduces_the_merged_weights(lora_run: Path, tiny_checkpo
             torch.testing.assert_close(in_gguf, want, rtol=0, atol=1e-5)
     text = modelfile.read_text()
     assert "ADAPTER ./adapter.gguf" in text and "FROM ./base.gguf" in text
+
+    # q8_0: lora_a's rows (the input width) quantise; lora_b's rows of r=4 values are not whole blocks, so f16.
+    quantised, _ = export(lora_run, tmp_path / "adapter-q8.gguf", fmt="gguf-adapter", outtype="q8_0")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(quantised).tensors}
+    assert types["blk.0.attn_q.weight.lora_a"] == gguf.GGMLQuantizationType.Q8_0
+    assert types["blk.0.attn_q.weight.lora_b"] == gguf.GGMLQuantizationType.F16
 
 
 def test_adapter_v2_folds_when_it_fits_and_is_refused_when_not(tiny_checkpoint: Path, tmp_path: Path) -> None:
