@@ -101,25 +101,28 @@ def export(
     if fmt == "gguf":
         model, base = merged_model(source, checkpoint)
         tokenizer = _export_tokenizer(base)
-        write_atomically(out, lambda tmp: write_gguf_model(model, tokenizer, tmp, outtype))
+        name = Path(source).name if Path(source) != base else model.config.name  # a run is named after itself
+        write_atomically(out, lambda tmp: write_gguf_model(model, tokenizer, tmp, outtype, name))
         text = ollama_modelfile(tokenizer, f"./{out.name}")
     else:
         base = write_gguf_adapter(source, out, outtype, checkpoint)
         tokenizer = _export_tokenizer(base)
-        base_gguf = f"./{base.name}" if base.suffix == ".gguf" else None
+        base_gguf = str(base.resolve()) if base.suffix == ".gguf" else None
         text = ollama_modelfile(tokenizer, base_gguf, adapter=f"./{out.name}")
     write_text(modelfile, text)
     return out, modelfile
 
 
-def write_gguf_model(model: LLaMA, tokenizer: Tokenizer, path: str | Path, outtype: str = "f32") -> None:
+def write_gguf_model(
+    model: LLaMA, tokenizer: Tokenizer, path: str | Path, outtype: str = "f32", name: str | None = None
+) -> None:
     """Write a llama.cpp GGUF of `model` with `tokenizer` in its metadata (called on a temporary path)."""
     import gguf
 
     config = model.config
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(config.name)
+    writer.add_name(name or config.name)
     writer.add_context_length(config.block_size)
     writer.add_embedding_length(config.n_embd)
     writer.add_block_count(config.n_layer)

@@ -96,6 +96,7 @@ def test_metadata_and_tensor_layout(tiny_checkpoint: Path, tmp_path: Path) -> No
     field = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
     assert field["general.architecture"] == "llama"
     assert field["general.type"] == "model"
+    assert field["general.name"] == "base"  # the checkpoint's name; a run's export is named after the run
     assert (field["llama.block_count"], field["llama.embedding_length"], field["llama.feed_forward_length"]) == (
         2,
         32,
