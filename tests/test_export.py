@@ -209,6 +209,10 @@ def test_adapter_file_reproduces_the_merged_weights(lora_run: Path, tiny_checkpo
     text = modelfile.read_text()
     assert "ADAPTER ./adapter.gguf" in text and "FROM ./base.gguf" in text
 
+    # Over a GGUF base (the one just exported), Ollama's FROM can name it.
+    _, modelfile = export(lora_run, tmp_path / "on-gguf.gguf", fmt="gguf-adapter", checkpoint=base_file)
+    assert f"FROM {base_file.resolve()}\nADAPTER ./on-gguf.gguf\n" in modelfile.read_text()
+
     # q8_0: lora_a's rows (the input width) quantise; lora_b's rows of r=4 values are not whole blocks, so f16.
     quantised, _ = export(lora_run, tmp_path / "adapter-q8.gguf", fmt="gguf-adapter", outtype="q8_0")
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(quantised).tensors}
