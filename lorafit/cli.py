@@ -243,6 +243,18 @@ def cmd_merge(args: argparse.Namespace) -> None:
         print(f"prompts, gates and biases do not fit a Llama checkpoint: also pass --adapter {out / 'adapter'}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from lorafit.export import export
+
+    out, modelfile = export(args.source, args.out, args.format, args.outtype, args.checkpoint, args.force)
+    kind = "LoRA adapter" if args.format == "gguf-adapter" else "model"
+    print(f"wrote {out} (llama.cpp GGUF {kind}, {args.outtype}, {out.stat().st_size / 2**20:.1f} MiB)")
+    print(f"wrote {modelfile}")
+    print(f"next: ollama create NAME -f {modelfile}")
+    if args.format == "gguf-adapter":
+        print(f"or: llama-cli -m BASE.gguf --lora {out}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from lorafit.demo import DemoConfig, run_demo
 
@@ -286,6 +298,7 @@ EXAMPLES = {
     "finetune": "example:\n  lorafit finetune lora --data data/alpaca --out out/run-1 --lora-r 16 --lora-targets all",
     "merge": "example:\n  lorafit merge out/run-1 --out out/merged --dtype bfloat16",
     "estimate": "example:\n  lorafit estimate lora --checkpoint llama-2-7b --micro-batch-size 4 --precision bf16-true",
+    "export": "example:\n  lorafit export out/run-1 --format gguf --outtype q8_0 --out run-1.gguf",
     "demo": "example:\n  lorafit demo --quick",
 }
 
@@ -409,6 +422,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[tuple[str, str | None]
     estimate = add_command(commands, "estimate", "predict the peak memory of a finetuning run", recipe)
     estimate.set_defaults(handler=cmd_estimate)
     add_method_commands(estimate, recipe, leaves, "estimate", estimate_flags)
+
+    from lorafit.export import FORMATS, OUTTYPES
+
+    export_help = "write a run or checkpoint as a llama.cpp GGUF (model or LoRA adapter) + Ollama Modelfile"
+    cmd = leaf("export", export_help, cmd_export, ("out",))
+    cmd.add("source", help="a finetuning run directory, a PEFT adapter, or any checkpoint")
+    cmd.add("--format", choices=FORMATS, default="gguf", help="a merged model, or a LoRA adapter")
+    cmd.add("--out", default=None, help="the .gguf file to write (a .Modelfile is written beside it)")
+    cmd.add("--outtype", choices=OUTTYPES, default="f32", help="weight type of the matrices (norms stay f32)")
+    cmd.add("--checkpoint", default=None, help="the base model (default: the one the run names)")
+    cmd.add("--force", action="store_true", help="overwrite existing output files")
 
     cmd = leaf("demo", "the whole story on the default model: measure, LoRA-finetune, measure", cmd_demo)
     cmd.add("--out", default="out/demo", help="where the demo's run and results go")

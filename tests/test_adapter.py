@@ -333,7 +333,7 @@ def test_merge_refuses_a_v1_run(tmp_path):
     model = tiny_model()
     apply_adapter(model, "adapter", SMALL_ADAPTER)
     save_adapter(model, "adapter", SMALL_ADAPTER, tmp_path, "b")
-    with pytest.raises(ValueError, match="LLaMA-Adapter \\(v1\\) run has nothing to fold"):
+    with pytest.raises(ValueError, match="LLaMA-Adapter \\(v1\\) run has nothing to merge"):
         merge_run(tmp_path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -105,6 +105,10 @@ class Method:
         """Fold the trained weights into the base weights in place; returns the tensors a Llama checkpoint holds."""
         raise ValueError(f"a {self.name} run has nothing that folds into the base weights")
 
+    def unfoldable(self, model: LLaMA) -> list[str]:
+        """Names of a loaded run's trained tensors that `fold` cannot put into Llama weights though they matter."""
+        return []
+
     def merge(self, model: LLaMA, run_dir: Path, out_dir: Path, base: Path) -> None:
         """Write the loaded run (model), folded, as a Hugging Face model directory out_dir."""
         save_hf_directory(model, base, out_dir, self.fold(model))

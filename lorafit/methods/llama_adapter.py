@@ -31,6 +31,10 @@ from lorafit.model import LLaMA
 WEIGHTS_FILE = "adapter.safetensors"
 CONFIG_FILE = "llama_adapter_config.json"
 LEGACY_CONFIG_FILE = "adapter_config.json"
+V1_NOTHING_TO_MERGE = (
+    "a LLaMA-Adapter (v1) run has nothing to merge into the base weights (its prompts and gates need the "
+    "adapter's attention)"
+)
 
 
 def read_fields(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
@@ -124,14 +128,11 @@ class LlamaAdapter(Method):
 
     def check_mergeable(self, run_dir: Path) -> None:
         if not self.v2:
-            raise ValueError(
-                f"{run_dir}: a LLaMA-Adapter (v1) run has nothing to fold into the base weights (its prompts and "
-                "gates need the adapter's attention); use it with --adapter instead"
-            )
+            raise ValueError(f"{run_dir}: {V1_NOTHING_TO_MERGE}; use it with --adapter instead")
 
     def fold(self, model: LLaMA) -> dict[str, torch.Tensor]:
         if not self.v2:
-            return super().fold(model)
+            raise ValueError(V1_NOTHING_TO_MERGE)
         fold_scales(model)
         return base_state_dict(model)
 
@@ -140,6 +141,15 @@ class LlamaAdapterV2(LlamaAdapter):
     name: ClassVar[str] = "adapter-v2"
     summary: ClassVar[str] = "LLaMA-Adapter v2: v1 plus a bias and scale on every linear layer and trainable norms"
     v2: ClassVar[bool] = True
+
+    def unfoldable(self, model: LLaMA) -> list[str]:
+        """Open gates (a prompt behind a zero gate adds nothing), non-zero biases and the scale of a tied LM head."""
+        state = adapter_state_dict(model)
+        live = [n for n, t in state.items() if n.endswith((".gate", ".adapter_bias")) and bool(t.any())]
+        head_scale = state.get("lm_head.adapter_scale")
+        if model.lm_head.weight is model.embed_tokens.weight and head_scale is not None and (head_scale != 1).any():
+            live.append("lm_head.adapter_scale")  # a tied head cannot take its scale without changing the embedding
+        return live
 
     def merge(self, model: LLaMA, run_dir: Path, out_dir: Path, base: Path) -> None:
         """Fold the scales (and the trained norms) into the weights; prompts, gates and biases, which a Llama
