@@ -299,6 +299,8 @@ def create_app(model: LLaMA, tokenizer: Any, adapters: AdapterStore, settings: S
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise APIError(400, "stream must be a boolean", param="stream")
+        # vLLM's extra: the prompt's and the answer's token ids beside the text.
+        return_ids = body.get("return_token_ids") is True
         options = body.get("stream_options") or {}
         include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
         room = settings.max_model_len - len(prompt_ids)
@@ -351,6 +353,7 @@ def create_app(model: LLaMA, tokenizer: Any, adapters: AdapterStore, settings: S
         started = time.perf_counter()
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": 0, "total_tokens": len(prompt_ids)}
+        token_ids: list[int] = []
 
         async def pieces() -> AsyncIterator[tuple[str, str | None]]:
             """(text, None) as text is ready, then (text, finish_reason) once; cancels the request when left."""
@@ -368,6 +371,7 @@ def create_app(model: LLaMA, tokenizer: Any, adapters: AdapterStore, settings: S
                         if usage["completion_tokens"] == 0:
                             ttft.observe(time.perf_counter() - started)
                         usage["completion_tokens"] += 1
+                        token_ids.append(token)
                         generation_tokens.inc()
                         text = "" if token in job.stop_ids else streamer.put(token)
                         out, hit = stopper.feed(text)
@@ -396,11 +400,14 @@ def create_app(model: LLaMA, tokenizer: Any, adapters: AdapterStore, settings: S
                 choice["message"] = {"role": "assistant", "content": "".join(text)}
             else:
                 choice["text"] = "".join(text)
+            if return_ids:
+                choice["token_ids"] = token_ids
             kind = "chat.completion" if chat else "text_completion"
-            return JSONResponse(
-                {"id": ident, "object": kind, "created": int(time.time()), "model": model_name,
-                 "choices": [choice], "usage": usage}  # fmt: skip
-            )
+            data = {"id": ident, "object": kind, "created": int(time.time()), "model": model_name, "choices": [choice]}
+            data["usage"] = usage
+            if return_ids:
+                data["prompt_token_ids"] = prompt_ids
+            return JSONResponse(data)
 
         def chunk(text: str | None, reason: str | None, first: bool = False) -> str:
             if chat:

@@ -79,6 +79,7 @@ class Engine:
         self.running: list[Request] = []
         self.wake = threading.Condition()
         self.stopping = False
+        self.peak_occupancy = 0  # the most rows one step has decoded together
         self.thread = threading.Thread(target=self._loop, name="lorafit-decode", daemon=True)
 
     def start(self) -> None:
@@ -171,6 +172,7 @@ class Engine:
 
     def _decode_step(self) -> None:
         n = len(self.running)
+        self.peak_occupancy = max(self.peak_occupancy, n)
         self._use_rows(0, n, [r.slot for r in self.running])
         tokens = torch.tensor([[r.next_token] for r in self.running], dtype=torch.long, device=self.device)
         positions = torch.tensor([r.position for r in self.running], dtype=torch.long, device=self.device)
