@@ -353,9 +353,10 @@ def test_adapter_dir_lru_and_load_unload_endpoints(server: LiveServer, served) -
         api.completions.create(model=f"lazy{i}", prompt="x", max_tokens=2, temperature=0)
     assert "lazy0" not in store.names() and {"lazy1", "lazy2", "lazy3"} <= set(store.names())
     assert "lazy0" in {m.id for m in api.models.list().data}  # still offered: it loads again on use
-    ids = api.completions.create(
+    answer = api.completions.create(
         model="lazy0", prompt="Lily", max_tokens=8, temperature=0, extra_body={"return_token_ids": True}
-    ).choices[0].token_ids
+    )
+    ids = answer.choices[0].token_ids
     assert ids == reference_ids(served["base"], root / "lazy0", "Lily", 8)
 
     outside = served["root"].parent / "elsewhere"
@@ -414,8 +415,15 @@ def test_an_adapter_for_another_base_is_refused_and_the_rest_keeps_serving(serve
 def test_sigterm_lets_the_running_request_finish(served, tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-c", "from lorafit.cli import main; main()", "serve", "--checkpoint", str(served["base"]), "--port", str(port)]
-    command += ["--adapter", f"alpha={served['adapters'] / 'alpha'}", "--log-level", "warning"]
+    command = [sys.executable, "-c", "from lorafit.cli import main; main()", "serve", "--port", str(port)]
+    command += [
+        "--checkpoint",
+        str(served["base"]),
+        "--adapter",
+        f"alpha={served['adapters'] / 'alpha'}",
+        "--log-level",
+        "warning",
+    ]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ def require_serve_extra() -> None:
         except ImportError:
             missing.append(module)
     if missing:
-        raise RuntimeError(f"lorafit serve needs {', '.join(missing)}: pip install \"lorafit[serve]\"")
+        raise RuntimeError(f'lorafit serve needs {", ".join(missing)}: pip install "lorafit[serve]"')
 
 
 def parse_adapter_spec(spec: str) -> tuple[str, Path]:
@@ -37,7 +38,7 @@ def parse_adapter_spec(spec: str) -> tuple[str, Path]:
 
 def build_app(
     checkpoint: str | Path | None = None,
-    adapters: list[tuple[str, Path]] = (),  # type: ignore[assignment]
+    adapters: Sequence[tuple[str, Path]] = (),
     adapter_dir: str | Path | None = None,
     allow_any_adapter_path: bool = False,
     api_key: str | None = None,

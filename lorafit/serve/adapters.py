@@ -59,7 +59,7 @@ def read_lora_adapter(path: str | Path, base: LLaMA) -> tuple[LoRAConfig, dict[s
         raise AdapterError(f"{path}: not a LoRA adapter directory (it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
     method = adapter_method(path)
     if method != "lora":
-        raise AdapterError(f"{path}: a {method} run; the server batches LoRA adapters only (serve it with lorafit chat)")
+        raise AdapterError(f"{path}: a {method} run; the server batches LoRA adapters only (use lorafit chat)")
     try:
         config = config_from_peft(json.loads((path / ADAPTER_CONFIG).read_text()), str(path / ADAPTER_CONFIG))
     except (KeyError, TypeError, json.JSONDecodeError) as error:
@@ -163,6 +163,11 @@ class AdapterStore:
         """Loaded adapters' names, in the order they were loaded or last used."""
         with self.lock:
             return list(self.loaded)
+
+    def paths(self) -> dict[str, Path]:
+        """Loaded adapters' directories by name."""
+        with self.lock:
+            return {name: adapter.path for name, adapter in self.loaded.items()}
 
     # ---------------------------------------------------------------------------- helpers
     def _use(self, name: str) -> int:

@@ -112,9 +112,10 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
             raise APIError(400, f"messages[{i}] must be an object with a role", param=f"messages[{i}]")
         content = message.get("content")
         if isinstance(content, list):  # content parts: only text is understood
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            texts = [p.get("text") if isinstance(p, dict) and p.get("type") == "text" else None for p in content]
+            if not all(isinstance(t, str) for t in texts):
                 raise APIError(400, f"messages[{i}].content: only text parts are supported", param=f"messages[{i}]")
-            content = "".join(p["text"] for p in content)
+            content = "".join(texts)
         if not isinstance(content, str):
             raise APIError(400, f"messages[{i}].content must be a string", param=f"messages[{i}].content")
         out.append({"role": message["role"], "content": content})
@@ -232,11 +233,13 @@ def create_app(model: LLaMA, tokenizer: Any, adapters: AdapterStore, settings: S
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         def card(name: str, root: str, parent: str | None) -> dict[str, Any]:
-            return {"id": name, "object": "model", "created": created, "owned_by": "lorafit", "root": root, "parent": parent}
+            # vLLM's shape: an adapter's root is its directory and its parent the base model.
+            fields = {"id": name, "object": "model", "created": created, "owned_by": "lorafit"}
+            return fields | {"root": root, "parent": parent}
 
         data = [card(settings.base_name, settings.base_name, None)]
-        loaded = {name: adapters.loaded[name] for name in adapters.names() if name in adapters.loaded}
-        data += [card(name, str(a.path), settings.base_name) for name, a in loaded.items()]
+        loaded = adapters.paths()
+        data += [card(name, str(path), settings.base_name) for name, path in loaded.items()]
         if adapters.adapter_dir is not None and adapters.adapter_dir.is_dir():
             on_disk = sorted(p for p in adapters.adapter_dir.iterdir() if (p / ADAPTER_CONFIG).is_file())
             data += [card(p.name, str(p), settings.base_name) for p in on_disk if p.name not in loaded]
@@ -391,8 +394,9 @@ def create_app(model: LLaMA, tokenizer: Any, adapters: AdapterStore, settings: S
 
         if not stream:
             text, reason = [], None
-            async for out, reason in pieces():
+            async for out, end in pieces():
                 text.append(out)
+                reason = end
             if reason is None:  # the client went away
                 return Response(status_code=499)
             choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
