@@ -1,7 +1,9 @@
 """Continuous batching: one decode loop serves every running request, each row with its own adapter and sampling.
 
 A new request is prefilled (alone, into its own KV-cache slot) between two decode steps and joins the
-batch at the next one; a finished or cancelled request leaves at once. Active requests always occupy
+batch at that step; at most one prefill runs per step while others decode (an idle batch admits all
+waiting requests at once), so a running request is never held up by more than one prefill. A finished
+or cancelled request leaves at once. Active requests always occupy
 slots 0..n-1 (a leaving row's place is taken by the last row, copying its cache), so a step decodes
 exactly the running rows. Every row's position is its own: the model takes per-row positions.
 """
@@ -130,9 +132,10 @@ class Engine:
                         self.wake.wait()
                     if self.stopping:
                         break
-                    admitted = []
-                    while self.waiting and len(self.running) + len(admitted) < self.max_batch:
-                        admitted.append(self.waiting.popleft())
+                    # One prefill per step while others decode, so none of them waits longer than that;
+                    # an idle batch takes every waiting request at once.
+                    room = min(self.max_batch - len(self.running), 1 if self.running else self.max_batch)
+                    admitted = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
                 try:
                     with self.adapters.lock:
                         for request in admitted:
