@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -50,9 +51,7 @@ def make_adapter(base: Path, out: Path, r: int, targets: str, seed: int) -> Path
 
 @pytest.fixture(scope="module")
 def served(tiny_checkpoint: Path, tmp_path_factory) -> dict[str, Path]:
-    """The tiny checkpoint with a chat template, an --adapter-dir with the three adapters, and a foreign adapter."""
-    import shutil
-
+    """The tiny checkpoint with a chat template and, under an --adapter-dir, the three adapters."""
     root = tmp_path_factory.mktemp("serve")
     base = root / "base"
     shutil.copytree(tiny_checkpoint, base)
@@ -456,6 +455,20 @@ def test_sigterm_lets_the_running_request_finish(served, tmp_path: Path) -> None
             process.wait()
 
 
+def test_curl_streams_a_chat_completion(server: LiveServer) -> None:
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    body = {"model": "alpha", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "stream": True}
+    command = [curl, "-sN", server.url + "/v1/chat/completions", "-H", "Authorization: Bearer sekret"]
+    command += ["-H", "Content-Type: application/json", "-d", json.dumps(body)]
+    lines = [x for x in subprocess.run(command, capture_output=True, text=True, timeout=60).stdout.splitlines() if x]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(x.removeprefix("data: ")) for x in lines[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "alpha" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
 def test_serve_cli_parses_and_rejects_bad_adapter_spec() -> None:
     from lorafit.cli import parse_args
     from lorafit.serve import parse_adapter_spec
@@ -503,5 +516,8 @@ def test_default_model_greedy_parity_with_three_adapters(default_checkpoint: Pat
         for (model, prompt), ids in zip(jobs, answers, strict=True):
             messages = [{"role": "user", "content": prompt}]
             assert ids == reference_ids(default_checkpoint, adapters.get(model), messages, 24), (model, prompt)
+        by_job = dict(zip(jobs, answers, strict=True))
+        for name in adapters:  # the adapters change the answers, so the parity above means something
+            assert any(by_job[name, p] != by_job["base", p] for _, p in jobs[:2])
     finally:
         live.stop()
