@@ -494,7 +494,7 @@ def test_default_model_greedy_parity_with_three_adapters(default_checkpoint: Pat
         apply_lora(model, config)
         generator = torch.Generator().manual_seed(seed)
         for _, module in lora_modules(model):
-            module.lora_B.weight.data = torch.randn(module.lora_B.weight.shape, generator=generator) * 0.02
+            module.lora_B.weight.data = torch.randn(module.lora_B.weight.shape, generator=generator) * 0.2
         save_peft_adapter(model, config, tmp_path / name, str(default_checkpoint))
         adapters[name] = tmp_path / name
     live = LiveServer(build_app(default_checkpoint, list(adapters.items()), served_model_name="base"))
