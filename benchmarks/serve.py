@@ -150,6 +150,10 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=64, help="distinct adapters for the widest mixed scenario")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--requests", type=int, default=2, help="requests per client")
+    parser.add_argument(
+        "--mixes", nargs="+", choices=["base", "1", "8", "all"], default=["base", "1", "8", "all"],
+        help="the base alone, 1 adapter, 8 adapters, all --adapters adapters",
+    )  # fmt: skip
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -167,9 +171,13 @@ def main() -> None:
             names = [f"adapter{i}" for i in range(args.adapters)]
             # Warm-up: every adapter loaded, every code path run once.
             asyncio.run(scenario(url, names, min(8, args.adapters), -(-args.adapters // 8), 2))
-            mixes = {"base": ["base"], "1 adapter": names[:1], "8 adapters": names[:8]}
-            if args.adapters > 8:
-                mixes[f"{args.adapters} adapters"] = names
+            available = {
+                "base": ("base", ["base"]),
+                "1": ("1 adapter", names[:1]),
+                "8": ("8 adapters", names[:8]),
+                "all": (f"{args.adapters} adapters", names),
+            }
+            mixes = dict(available[key] for key in args.mixes)
             rows = []
             for clients in args.clients:
                 for label, models in mixes.items():
@@ -181,7 +189,7 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(60)
-    naive = next(r["tokens_per_s"] for r in rows if r["mix"] == "base" and r["clients"] == 1)
+    naive = next((r["tokens_per_s"] for r in rows if r["mix"] == "base" and r["clients"] == 1), float("nan"))
     base_at = {r["clients"]: r["tokens_per_s"] for r in rows if r["mix"] == "base"}
     print(f"lorafit serve, {datetime.now():%Y-%m-%d %H:%M}, {os.cpu_count()} CPUs, max_tokens {args.max_tokens}, "
           f"{args.requests} requests per client; naive = base, 1 client (one request at a time)")  # fmt: skip
@@ -191,7 +199,7 @@ def main() -> None:
         speed, ms = r["tokens_per_s"], {k: r[k] * 1e3 for k in ("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99")}
         print(
             f"| {r['mix']} | {r['clients']} | {speed:.1f} | {speed / naive:.2f} | "
-            f"{speed / base_at[r['clients']]:.2f} | "
+            f"{speed / base_at.get(r['clients'], float('nan')):.2f} | "
             f"{ms['ttft_p50']:.0f} / {ms['ttft_p99']:.0f} | {ms['tpot_p50']:.0f} / {ms['tpot_p99']:.0f} |"
         )
     if args.json:

@@ -81,17 +81,16 @@ class KVCache(nn.Module):
         start may be a (B,) tensor of per-row positions for one new token per row (continuous batching,
         where every row is a different request); then keys/values up to the furthest row come back.
         """
+        end = int(start.max()) + 1 if isinstance(start, torch.Tensor) else start + k.size(2)
+        if end > self.k.size(2):
+            raise ValueError(f"KV cache holds {self.k.size(2)} positions; asked for {end}")
         if isinstance(start, torch.Tensor):
             rows = torch.arange(k.size(0), device=k.device)
             self.k[rows, :, start] = k[:, :, 0]
             self.v[rows, :, start] = v[:, :, 0]
-            end = int(start.max()) + 1
-            return self.k[:, :, :end], self.v[:, :, :end]
-        end = start + k.size(2)
-        if end > self.k.size(2):
-            raise ValueError(f"KV cache holds {self.k.size(2)} positions; asked for {end}")
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
+        else:
+            self.k[:, :, start:end] = k
+            self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
     def rows(self, first: int, last: int) -> KVCache:

@@ -173,6 +173,48 @@ def test_multi_lora_rows_equal_each_adapter_merged() -> None:
     assert not torch.allclose(expected[0], base(x[0]))  # the adapters do change the output
 
 
+def test_llama_adapter_runs_are_refused_with_a_clear_error(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from lorafit.adapter import AdapterConfig, apply_adapter, save_adapter
+    from lorafit.serve.adapters import AdapterError, read_lora_adapter
+
+    model = load_model(tiny_checkpoint)
+    config = AdapterConfig(prompt_length=2, start_layer=1)
+    apply_adapter(model, "adapter-v2", config)
+    save_adapter(model, "adapter-v2", config, tmp_path / "run", str(tiny_checkpoint))
+    with pytest.raises(AdapterError, match=r"run: a LLaMA-Adapter \(adapter-v2\) run; the server serves LoRA only"):
+        read_lora_adapter(tmp_path / "run", model)
+
+
+def test_stopping_the_engine_ends_running_and_queued_requests_with_an_error(tiny_checkpoint: Path) -> None:
+    from lorafit.serve.adapters import AdapterStore
+    from lorafit.serve.scheduler import Engine, Request, Sampling
+
+    model = load_model(tiny_checkpoint)
+    engine = Engine(model, AdapterStore(model, 1), max_batch=1, max_length=256)
+    events: list[list[tuple[int | None, str | None]]] = [[], []]
+    first_token = threading.Event()
+
+    def recorder(i: int):
+        def emit(token: int | None, reason: str | None) -> None:
+            events[i].append((token, reason))
+            first_token.set()
+            time.sleep(0.01)  # keep the request running until stop() arrives
+
+        return emit
+
+    # Greedy with no stop ids: the first request runs to 250 tokens unless stopped; the second waits for its slot.
+    for i in range(2):
+        engine.submit(Request([1, 5, 6], 250, Sampling(temperature=0.0), frozenset(), recorder(i)))
+    engine.start()
+    assert first_token.wait(60)
+    engine.stop()
+    assert not engine.thread.is_alive()
+    assert events[0][-1] == (None, "error: the server is shutting down") and len(events[0]) < 251
+    assert events[1] == [(None, "error: the server is shutting down")]
+    with pytest.raises(RuntimeError, match="shutting down"):
+        engine.submit(Request([1], 1, Sampling(), frozenset(), recorder(0)))
+
+
 # ---------------------------------------------------------------------------- a live server
 
 

@@ -55,11 +55,14 @@ class LoadedAdapter:
 def read_lora_adapter(path: str | Path, base: LLaMA) -> tuple[LoRAConfig, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """A PEFT LoRA adapter's config and {module name: (A, B)}, checked tensor by tensor against the base's shapes."""
     path = Path(path)
-    if not (path / ADAPTER_CONFIG).is_file() or not (path / ADAPTER_WEIGHTS).is_file():
+    try:
+        method = adapter_method(path) if (path / ADAPTER_CONFIG).is_file() else None
+    except ValueError as error:  # unreadable JSON, or a PEFT method other than LoRA
+        raise AdapterError(f"{path / ADAPTER_CONFIG}: {error}") from None
+    if method not in (None, "lora"):
+        raise AdapterError(f"{path}: a LLaMA-Adapter ({method}) run; the server serves LoRA only (use lorafit chat)")
+    if method is None or not (path / ADAPTER_WEIGHTS).is_file():
         raise AdapterError(f"{path}: not a LoRA adapter directory (it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
-    method = adapter_method(path)
-    if method != "lora":
-        raise AdapterError(f"{path}: a {method} run; the server batches LoRA adapters only (use lorafit chat)")
     try:
         config = config_from_peft(json.loads((path / ADAPTER_CONFIG).read_text()), str(path / ADAPTER_CONFIG))
     except (KeyError, TypeError, json.JSONDecodeError) as error:
