@@ -11,7 +11,6 @@ exactly the running rows. Every row's position is its own: the model takes per-r
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,8 +52,6 @@ class Request:
     position: int = 0  # where the next token goes in the KV cache
     next_token: int = 0
     generator: torch.Generator | None = field(default=None, repr=False)
-    submitted: float = field(default_factory=time.perf_counter)
-    first_token_s: float | None = None
 
 
 class Engine:
@@ -192,8 +189,6 @@ class Engine:
 
     def _take(self, request: Request, token: int) -> None:
         """Record one new token and emit it; mark the request done at a stop token or its length."""
-        if request.first_token_s is None:
-            request.first_token_s = time.perf_counter() - request.submitted
         request.generated += 1
         request.next_token = token
         request.emit(token, None)
