@@ -255,6 +255,28 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(f"or: llama-cli -m BASE.gguf --lora {out}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from lorafit.serve import build_app, parse_adapter_spec, serve
+
+    app = build_app(
+        args.checkpoint,
+        [parse_adapter_spec(spec) for spec in args.adapter],
+        args.adapter_dir,
+        args.allow_any_adapter_path,
+        args.api_key,
+        args.max_batch,
+        args.max_loaded_adapters,
+        args.max_model_len,
+        args.max_body_bytes,
+        args.served_model_name,
+        args.device,
+        args.dtype,
+    )
+    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
+        print(f"lorafit serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
+    serve(app, args.host, args.port, args.log_level)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from lorafit.demo import DemoConfig, run_demo
 
@@ -299,6 +321,7 @@ EXAMPLES = {
     "merge": "example:\n  lorafit merge out/run-1 --out out/merged --dtype bfloat16",
     "estimate": "example:\n  lorafit estimate lora --checkpoint llama-2-7b --micro-batch-size 4 --precision bf16-true",
     "export": "example:\n  lorafit export out/run-1 --format gguf --outtype q8_0 --out run-1.gguf",
+    "serve": "example:\n  lorafit serve --adapter support=out/run-1 --adapter sales=out/run-2 --port 8000",
     "demo": "example:\n  lorafit demo --quick",
 }
 
@@ -433,6 +456,25 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[tuple[str, str | None]
     cmd.add("--outtype", choices=OUTTYPES, default="f32", help="weight type of the matrices (norms stay f32)")
     cmd.add("--checkpoint", default=None, help="the base model (default: the one the run names)")
     cmd.add("--force", action="store_true", help="overwrite existing output files")
+
+    from lorafit import serve
+
+    cmd = leaf("serve", "serve the model and its LoRA adapters over an OpenAI-compatible API", cmd_serve)
+    cmd.add("--checkpoint", default=None, help="the base model: " + CHECKPOINT_HELP)
+    cmd.add("--adapter", action="append", default=[], metavar="NAME=RUN_DIR", help="a LoRA run served as model NAME")
+    cmd.add("--adapter-dir", default=None, help="adapters loaded on first request, by directory name")
+    cmd.add("--allow-any-adapter-path", action="store_true", help="let /v1/load_lora_adapter read any path")
+    cmd.add("--host", default="127.0.0.1", help="the address to listen on")
+    cmd.add("--port", type=int, default=8000, help="the port to listen on")
+    cmd.add("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but /health")
+    cmd.add("--max-batch", type=positive_int, default=serve.DEFAULT_MAX_BATCH, help="requests decoded together")
+    cmd.add("--max-loaded-adapters", type=positive_int, default=serve.DEFAULT_MAX_LOADED_ADAPTERS, help="in memory")
+    cmd.add("--max-model-len", type=positive_int, default=serve.DEFAULT_MAX_MODEL_LEN, help="prompt + output tokens")
+    cmd.add("--max-body-bytes", type=positive_int, default=serve.DEFAULT_MAX_BODY_BYTES, help="request size limit")
+    cmd.add("--served-model-name", default=None, help="the base model's name in the API (default: --checkpoint)")
+    cmd.add("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    cmd.add("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weight dtype")
+    cmd.add("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's")
 
     cmd = leaf("demo", "the whole story on the default model: measure, LoRA-finetune, measure", cmd_demo)
     cmd.add("--out", default="out/demo", help="where the demo's run and results go")

@@ -75,14 +75,29 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store keys/values for positions start.. and return all keys/values up to them."""
-        end = start + k.size(2)
+    def update(self, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store keys/values for positions start.. and return all keys/values up to them.
+
+        start may be a (B,) tensor of per-row positions for one new token per row (continuous batching,
+        where every row is a different request); then keys/values up to the furthest row come back.
+        """
+        end = int(start.max()) + 1 if isinstance(start, torch.Tensor) else start + k.size(2)
         if end > self.k.size(2):
             raise ValueError(f"KV cache holds {self.k.size(2)} positions; asked for {end}")
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
+        if isinstance(start, torch.Tensor):
+            rows = torch.arange(k.size(0), device=k.device)
+            self.k[rows, :, start] = k[:, :, 0]
+            self.v[rows, :, start] = v[:, :, 0]
+        else:
+            self.k[:, :, start:end] = k
+            self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def rows(self, first: int, last: int) -> KVCache:
+        """A cache over batch rows first..last-1 that shares this one's storage (a server's request slots)."""
+        view = KVCache(0, 0, 0, 0, self.k.dtype, self.k.device)
+        view.k, view.v = self.k[first:last], self.v[first:last]
+        return view
 
 
 class CausalSelfAttention(nn.Module):
@@ -98,7 +113,12 @@ class CausalSelfAttention(nn.Module):
         self.adapter: nn.Module | None = None
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int, key_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        start: int | torch.Tensor,
+        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -114,15 +134,23 @@ class CausalSelfAttention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
     def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, key_mask: torch.Tensor | None = None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        start: int | torch.Tensor,
+        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Causal attention of T new queries (at positions start..) over all keys so far.
 
         key_mask (B, S), False at left padding, lets prompts of different lengths share a batch.
+        start as a (B,) tensor: one query per row at its own position, seeing only its own keys.
         """
         T, S = q.size(2), k.size(2)
         mask, is_causal = None, False
-        if key_mask is not None:
+        if isinstance(start, torch.Tensor):
+            mask = (torch.arange(S, device=q.device)[None, :] <= start[:, None])[:, None, None, :]
+        elif key_mask is not None:
             q_pos = torch.arange(start, start + T, device=q.device)[:, None]
             k_pos = torch.arange(S, device=q.device)[None, :]
             # A padding query may see itself: a row with every key masked would give NaN.
@@ -163,7 +191,12 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int, key_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        start: int | torch.Tensor,
+        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, key_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -187,20 +220,26 @@ class LLaMA(nn.Module):
         if self.config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def rope(self, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin rows for positions start..start+length-1."""
-        if self._rope is None or self._rope[0].size(0) < start + length or self._rope[0].device != device:
-            size = max(start + length, 2048)
+    def rope(self, start: int | torch.Tensor, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin rows for positions start..start+length-1; for per-row positions (B,), shaped (B, 1, 1, head_dim)."""
+        end = (int(start.max()) if isinstance(start, torch.Tensor) else start) + length
+        if self._rope is None or self._rope[0].size(0) < end or self._rope[0].device != device:
+            size = max(end, 2048)
             # Built as normal tensors even under inference_mode (generation), so training can use them later.
             with torch.inference_mode(False):
                 self._rope = build_rope_cache(self.config, size, device)
         cos, sin = self._rope
+        if isinstance(start, torch.Tensor):
+            return cos[start][:, None, None], sin[start][:, None, None]
         return cos[start : start + length], sin[start : start + length]
 
-    def hidden_states(self, idx: torch.Tensor, start: int = 0, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(
+        self, idx: torch.Tensor, start: int | torch.Tensor = 0, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Final-normed hidden states (B, T, n_embd) for tokens idx at positions start..
 
         key_mask (B, start + T), False at padding, hides left-padded positions from attention.
+        start may be a (B,) tensor of per-row positions when T is 1 (rows at different points of their sequences).
         """
         x = self.embed_tokens(idx)
         cos, sin = self.rope(start, idx.size(1), idx.device)
@@ -212,7 +251,9 @@ class LLaMA(nn.Module):
                 x = block(x, cos, sin, start, key_mask)
         return self.norm(x)
 
-    def forward(self, idx: torch.Tensor, start: int = 0, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, start: int | torch.Tensor = 0, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids idx (B, T) at positions start.. (start > 0 needs a KV cache)."""
         return self.lm_head(self.hidden_states(idx, start, key_mask))
 
