@@ -145,3 +145,26 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def trainable_state(model: LLaMA) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def make_pair(**overrides) -> tuple[torch.nn.Module, LLaMA]:
+    """A random transformers LlamaForCausalLM (grouped-query, 2 layers unless overridden) and lorafit's model
+    holding the same weights, both in eval mode."""
+    transformers = pytest.importorskip("transformers")
+    settings = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    hf_config = transformers.LlamaConfig(**(settings | overrides))
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    model = LLaMA(Config.from_hf(hf_config.to_dict())).eval()
+    model.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()}, strict=False)
+    model.tie_weights()
+    return hf, model

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lorafit.config import Config
 from lorafit.model import LLaMA
+from tests import conftest
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,22 +23,7 @@ CASES = {
 
 
 def make_pair(**overrides) -> tuple[torch.nn.Module, LLaMA]:
-    """A random transformers model and lorafit's model holding the same weights."""
-    hf_config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=512,
-        **overrides,
-    )
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(hf_config).eval()
-    model = LLaMA(Config.from_hf(hf_config.to_dict())).eval()
-    model.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()}, strict=True)
-    model.tie_weights()
-    return hf, model
+    return conftest.make_pair(num_hidden_layers=3, **overrides)
 
 
 @pytest.mark.parametrize("case", CASES)
