@@ -26,7 +26,7 @@ from lorafit import __version__
 
 CHECKPOINT_HELP = (
     "a checkpoint directory, a .gguf file, a known model name or a Hugging Face repo id "
-    "(downloaded on first use); default: the embedded SmolLM2-135M-Instruct"
+    "(downloaded on first use); unset: the embedded SmolLM2-135M-Instruct"
 )
 
 
@@ -336,8 +336,8 @@ def add_model_arguments(leaf: Leaf) -> None:
     leaf.add("--checkpoint", default=None, help=CHECKPOINT_HELP)
     leaf.add("--adapter", default=None, help="a finetuning run directory (or PEFT adapter) to apply")
     dtypes = ["float32", "bfloat16", "float16"]
-    leaf.add("--dtype", default=None, choices=dtypes, help="weight dtype (default: float32 on CPU, bfloat16 on CUDA)")
-    leaf.add("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    leaf.add("--dtype", default=None, choices=dtypes, help="weight dtype (unset: float32 on CPU, bfloat16 on CUDA)")
+    leaf.add("--device", default=None, help="cpu or cuda (unset: cuda when available)")
     compile_help = "decode through a torch.compile'd step: faster on CPU after a one-time compile of about a minute"
     leaf.add("--compile", action="store_true", help=compile_help)
 
@@ -388,8 +388,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[tuple[str, str | None]
 
     cmd = leaf("download", "fetch a model into the cache and make it ready to load", cmd_download)
     cmd.add("name", help="smollm2-135m-instruct (the embedded default), a known name or an HF repo id")
-    cmd.add("--token", default=None, help="Hugging Face token (default: $HF_TOKEN)")
-    cmd.add("--revision", default=None, help="a branch, tag or commit of the Hugging Face repo (default: main)")
+    cmd.add("--token", default=None, help="Hugging Face token (unset: $HF_TOKEN)")
+    cmd.add("--revision", default=None, help="a branch, tag or commit of the Hugging Face repo (unset: main)")
 
     cmd = leaf("generate", "complete a prompt, streaming the text", cmd_generate, required=("prompt",))
     add_model_arguments(cmd)
@@ -404,7 +404,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[tuple[str, str | None]
 
     cmd = leaf("prepare", "tokenise an instruction dataset (prompt masked) for finetuning", cmd_prepare, ("out",))
     cmd.add("dataset", choices=["alpaca", "dolly", "json"], help="a public dataset, or json for your own file")
-    cmd.add("--source", default=None, help="a file or URL (default: the dataset's public download)")
+    cmd.add("--source", default=None, help="a file or URL (unset: the dataset's public download)")
     cmd.add("--out", default=None, help="the prepared directory to write")
     cmd.add("--checkpoint", default=None, help="whose tokenizer and chat template to use; " + CHECKPOINT_HELP)
     cmd.add_dataclass(TrainConfig, only=("max_seq_length", "seed"))
@@ -416,7 +416,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[tuple[str, str | None]
         leaf.add("--out", default=None, help="run directory: adapter, metrics, loss.png, checkpoints")
         leaf.add("--resume", default=None, help="auto (the run's latest checkpoint) or a checkpoint directory")
         leaf.add("--overwrite", action="store_true", help="delete what --out holds and start afresh")
-        leaf.add("--device", default=None, help="cpu or cuda (default: cuda when available)")
+        leaf.add("--device", default=None, help="cpu or cuda (unset: cuda when available)")
         leaf.add("--devices", type=positive_int, default=1, help="processes (GPUs) per node")
         leaf.add("--nodes", type=positive_int, default=1, help="machines, each started with the same command")
         leaf.add_dataclass(TrainConfig)
@@ -430,7 +430,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[tuple[str, str | None]
     cmd = leaf("merge", "fold a finetuning run into its base model (Hugging Face format)", cmd_merge, ("out",))
     cmd.add("run", help="a finetuning run directory or PEFT adapter directory")
     cmd.add("--out", default=None, help="the merged model directory to write")
-    cmd.add("--checkpoint", default=None, help="the base model (default: the one the run names)")
+    cmd.add("--checkpoint", default=None, help="the base model (unset: the one the run names)")
     cmd.add("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the base's dtype")
 
     def estimate_flags(leaf: Leaf) -> None:
@@ -454,7 +454,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[tuple[str, str | None]
     cmd.add("--format", choices=FORMATS, default="gguf", help="a merged model, or a LoRA adapter")
     cmd.add("--out", default=None, help="the .gguf file to write (a .Modelfile is written beside it)")
     cmd.add("--outtype", choices=OUTTYPES, default="f32", help="weight type of the matrices (norms stay f32)")
-    cmd.add("--checkpoint", default=None, help="the base model (default: the one the run names)")
+    cmd.add("--checkpoint", default=None, help="the base model (unset: the one the run names)")
     cmd.add("--force", action="store_true", help="overwrite existing output files")
 
     from lorafit import serve
@@ -471,8 +471,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[tuple[str, str | None]
     cmd.add("--max-loaded-adapters", type=positive_int, default=serve.DEFAULT_MAX_LOADED_ADAPTERS, help="in memory")
     cmd.add("--max-model-len", type=positive_int, default=serve.DEFAULT_MAX_MODEL_LEN, help="prompt + output tokens")
     cmd.add("--max-body-bytes", type=positive_int, default=serve.DEFAULT_MAX_BODY_BYTES, help="request size limit")
-    cmd.add("--served-model-name", default=None, help="the base model's name in the API (default: --checkpoint)")
-    cmd.add("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    cmd.add("--served-model-name", default=None, help="the base model's name in the API (unset: --checkpoint)")
+    cmd.add("--device", default=None, help="cpu or cuda (unset: cuda when available)")
     cmd.add("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weight dtype")
     cmd.add("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's")
 
