@@ -24,6 +24,7 @@ from lorafit.data import load_prepared, prepare_source
 from lorafit.data.prepare import IGNORE_INDEX, TokenDataset, read_info
 from lorafit.hub import checkpoint_origin, resolve_checkpoint
 from lorafit.methods import Method, get_method
+from lorafit.methods.base import base_fingerprint
 from lorafit.model import LLaMA
 from lorafit.rundir import RunDirectoryError, RunLock, check_resume, read_run_file, start_fresh, write_run_file
 from lorafit.runtime import resolve_precision, weights_dtype
@@ -176,7 +177,7 @@ def finetune_here(
         else:
             for note in check_resume(saved, fields, run_dir):
                 print(f"resume: {note}")
-            fields |= {"run_id": saved["run_id"], "started": saved.get("started")}
+            fields |= {k: saved.get(k) for k in ("run_id", "started", "base_fingerprint")}
             resume_path = checkpoint_to_resume(run_dir, resume, saved["run_id"], total_steps(cfg, len(train_set)))
         write_run_file(run_dir, fields)
     distributed.barrier()
@@ -186,6 +187,17 @@ def finetune_here(
 
     torch.manual_seed(cfg.seed)  # the method's initialisation (LoRA's A) and dropout follow --seed
     model = load_model(base, dtype=weights_dtype(cfg.precision), device=device)
+    if distributed.is_main():  # the base's fingerprint: the run is never applied to, nor resumed on, another base
+        fingerprint = base_fingerprint(model)
+        if saved is None:
+            write_run_file(run_dir, fields | {"base_fingerprint": fingerprint})
+        elif saved.get("base_fingerprint") not in (None, fingerprint):
+            raise RunDirectoryError(f"{run_dir}: the run was trained on other base weights than {base}")
+    if cfg.max_seq_length > model.config.block_size:
+        distributed.print_main(
+            f"warning: --max-seq-length {cfg.max_seq_length} is beyond the model's context of "
+            f"{model.config.block_size} positions; positions past it were never trained"
+        )
     trainable = method.apply(model, method_config)
     total = sum(p.numel() for p in model.parameters() if not p.requires_grad) + trainable
     distributed.print_main(

@@ -126,7 +126,7 @@ def check_resume(saved: dict[str, Any], new: dict[str, Any], where: Path) -> lis
     """Compare a resume's settings with the run's; returns the allowed changes as lines, raises on any other."""
     changes, notes = [], []
     for key in sorted(set(saved) | set(new)):
-        if key in ("run_id", "started", "base_origin"):
+        if key in ("run_id", "started", "base_origin", "base_fingerprint"):
             continue
         old, now = saved.get(key), new.get(key)
         if key == "train":

