@@ -395,13 +395,22 @@ def format_estimate(
 
 
 def config_for(spec: str | None) -> Config:
-    """The Config of a checkpoint path (directory, .gguf, ...), a known model name or its repo id; downloads nothing."""
+    """The Config of a checkpoint path (directory, .gguf, ...), a known model name, or a Hugging Face repo id (only
+    its config.json is fetched): the weights are never needed."""
     from lorafit.checkpoint import load_config
-    from lorafit.hub import DEFAULT_MODEL
+    from lorafit.hub import DEFAULT_MODEL, HubError, hf_cache_dir, is_repo_id
 
     if spec is not None and Path(spec).exists():
         return load_config(spec)
     try:
         return Config.from_name(spec or DEFAULT_MODEL)
     except ValueError as err:
-        raise ValueError(f"--checkpoint: {err}; or give a checkpoint path (lorafit download fetches one)") from err
+        if not (spec and is_repo_id(spec)):
+            raise ValueError(f"--checkpoint: {err}; or give a checkpoint path or a Hugging Face repo id") from err
+    import huggingface_hub
+
+    try:
+        path = huggingface_hub.hf_hub_download(spec, "config.json", cache_dir=hf_cache_dir())
+        return Config.from_hf(path, name=spec.split("/")[1])
+    except Exception as err:  # offline, gated, no such repo: huggingface_hub's many error types
+        raise HubError(f"--checkpoint {spec}: could not fetch its config.json from Hugging Face ({err})") from err

@@ -214,3 +214,21 @@ def test_format_estimate_reports_counts_and_a_gib_table():
     assert "trainable parameters: 4,194,304 of 6,742,609,920" in text
     assert "| **peak total** |" in text
     assert "r=8, alpha=16 on q,v" in text
+
+
+def test_a_repo_id_needs_only_its_config_json(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """estimate --checkpoint org/name fetches config.json alone (here from a hand-built huggingface_hub cache)."""
+    sha = "b" * 40
+    storage = tmp_path / "hf" / "models--org--tiny"
+    (storage / "refs").mkdir(parents=True)
+    (storage / "refs" / "main").write_text(sha)
+    (storage / "snapshots" / sha).mkdir(parents=True)
+    (storage / "snapshots" / sha / "config.json").write_text((tiny_checkpoint / "config.json").read_text())
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    main(["estimate", "lora", "--checkpoint", "org/tiny", "--device", "cpu"])
+    model = LLaMA(load_config(tiny_checkpoint))
+    trainable = get_method("lora").apply(model, LoRAConfig())
+    assert f"trainable parameters: {trainable:,} of {sum(p.numel() for p in model.parameters()):,}" in (
+        capsys.readouterr().out
+    )
