@@ -270,7 +270,10 @@ def test_peft_adapter_loads_into_a_model_built_on_meta(tmp_path, idx):
 
 
 def test_unknown_target_is_named():
-    message = "unknown LoRA target(s) 'qkv', 'mlp'; known: q, k, v, o, gate, up, down, lm_head, all"
+    message = (
+        "unknown LoRA target(s) 'qkv', 'mlp'; known: q, k, v, o, gate, up, down, lm_head, all (or PEFT's module "
+        "names q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head, all-linear)"
+    )
     with pytest.raises(ValueError, match=re.escape(message)):
         LoRAConfig(targets=("q", "qkv", "mlp"))
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -303,7 +306,6 @@ def _saved_adapter(path: Path) -> Path:
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("use_dora", True, "use_dora=True is not supported"),
         ("bias", "lora_only", "bias='lora_only' is not supported (only 'none')"),
         ("modules_to_save", ["lm_head"], "modules_to_save=['lm_head'] is not supported"),
         ("layers_to_transform", [0], "layers_to_transform=[0] is not supported"),

@@ -1,0 +1,233 @@
+"""A quantised frozen base for QLoRA (Dettmers et al., 2023) and for inference.
+
+Schemes:
+- `nf4`: 4-bit NormalFloat codes in blocks of 64 weights, one float32 absmax constant per block.
+- `nf4-dq`: the same, with the absmax constants quantised again to 8 bits in blocks of 256 (double quantisation).
+- `int8`: weight-only int8 with one float scale per output channel (absmax / 127), for inference.
+
+NF4 uses bitsandbytes (`pip install "lorafit[quant]"`), the QLoRA authors' library and the one PEFT and
+transformers quantise with: its quantiser and kernels run on x86-64 CPUs (since 0.47) and CUDA, handle every
+layer shape (torchao's NF4Tensor needs a multiple of 64 x 256 weights, which 576 x 576 is not), and were faster
+here (benchmarks/quant_choice.py). int8 is plain PyTorch.
+
+As in the QLoRA paper and PEFT/transformers (which keep `lm_head` and every nn.Embedding in full precision),
+only the linear layers inside the blocks are quantised: the token embedding, the LM head (tied or not) and the
+norms stay in the model's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SCHEMES = ("nf4", "nf4-dq", "int8")
+BLOCK_SIZE = 64
+"""Weights per NF4 absmax constant (the QLoRA paper's and bitsandbytes' default)."""
+SCALE_BLOCK_SIZE = 256
+"""Absmax constants per 8-bit block with double quantisation (bitsandbytes' compress_statistics)."""
+BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The linear layers that get quantised: all those inside the transformer blocks."""
+INSTALL_HINT = 'pip install "lorafit[quant]"'
+QUANTIZABLE_METHODS = ("lora",)
+"""Finetuning methods that can train over a quantised base (QLoRA; DoRA is LoRA with --dora)."""
+
+
+class QuantizationError(ValueError):
+    """A quantisation request that cannot be served: unknown scheme, missing library, unsuitable base or method."""
+
+
+def check_scheme(scheme: str) -> str:
+    """The scheme, validated; for NF4 schemes also check that bitsandbytes can be imported."""
+    if scheme not in SCHEMES:
+        raise QuantizationError(f"unknown quantisation scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+    if scheme.startswith("nf4"):
+        _bitsandbytes()
+    return scheme
+
+
+def check_method(method: str, scheme: str | None) -> None:
+    """Refuse --quantize with a finetuning method that cannot train over a quantised base."""
+    if scheme is None:
+        return
+    check_scheme(scheme)
+    if method == "full":
+        raise QuantizationError(
+            f"--quantize {scheme} cannot be used with --method full: full finetuning updates the base weights, "
+            "which a quantised base cannot hold; use --method lora (QLoRA) or drop --quantize"
+        )
+    if method not in QUANTIZABLE_METHODS:
+        raise QuantizationError(
+            f"--quantize {scheme} is not supported with --method {method}; use --method lora (QLoRA) or drop --quantize"
+        )
+
+
+def _bitsandbytes():  # noqa: ANN202 (the module)
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional  # noqa: F401 (loads the quantisers)
+    except ImportError as err:
+        raise QuantizationError(f"NF4 quantisation needs bitsandbytes>=0.47, which is not installed: {INSTALL_HINT}") from err
+    return bitsandbytes
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen linear layer whose weight is stored quantised; forward dequantises it (on the fly) in `dtype`.
+
+    Buffers (so .to(device) moves them): nf4 holds `qweight` (two 4-bit codes per byte), `absmax` (float32 per
+    block of 64, or uint8 with double quantisation plus `absmax2` per 256 and `offset`) and bitsandbytes' code
+    tables; int8 holds `qweight` (int8, out x in) and `scale` (float32 per output row).
+    """
+
+    def __init__(self, in_features: int, out_features: int, scheme: str, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.scheme, self.dtype = in_features, out_features, scheme, dtype
+        self.bias: nn.Parameter | None = None
+
+    @classmethod
+    @torch.no_grad()
+    def from_weight(cls, weight: torch.Tensor, scheme: str, bias: torch.Tensor | None = None) -> QuantizedLinear:
+        """Quantise an (out, in) float weight; the layer computes in the weight's dtype, on its device."""
+        check_scheme(scheme)
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, scheme, weight.dtype)
+        if scheme == "int8":
+            scale = weight.float().abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+            layer.register_buffer("qweight", torch.round(weight.float() / scale[:, None]).to(torch.int8))
+            layer.register_buffer("scale", scale)
+        else:
+            functional = _bitsandbytes().functional
+            q, state = functional.quantize_4bit(
+                weight.contiguous(), blocksize=BLOCK_SIZE, quant_type="nf4", compress_statistics=scheme == "nf4-dq"
+            )
+            layer.register_buffer("qweight", q)
+            layer.register_buffer("absmax", state.absmax)
+            layer.register_buffer("code", state.code)
+            if state.nested:
+                layer.register_buffer("absmax2", state.state2.absmax)
+                layer.register_buffer("code2", state.state2.code)
+                layer.register_buffer("offset", state.offset.reshape(()))
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().to(weight.dtype), requires_grad=False)
+        return layer
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    @property
+    def is_meta(self) -> bool:
+        return self.qweight.is_meta
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the quantised weight holds (codes, constants and code tables; not the bias)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def quant_state(self, dtype: torch.dtype):  # noqa: ANN201 (bitsandbytes.functional.QuantState)
+        """bitsandbytes' QuantState for the nf4 schemes, dequantising to `dtype`."""
+        functional = _bitsandbytes().functional
+        state2 = None
+        if self.scheme == "nf4-dq":
+            state2 = functional.QuantState(
+                absmax=self.absmax2, code=self.code2, blocksize=SCALE_BLOCK_SIZE, dtype=torch.float32
+            )
+        return functional.QuantState(
+            absmax=self.absmax,
+            shape=torch.Size((self.out_features, self.in_features)),
+            code=self.code,
+            blocksize=BLOCK_SIZE,
+            quant_type="nf4",
+            dtype=dtype,
+            offset=self.offset if state2 is not None else None,
+            state2=state2,
+        )
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The full (out, in) weight the codes stand for, in `dtype` (default: the layer's)."""
+        dtype = dtype or self.dtype
+        if self.scheme == "int8":
+            return (self.qweight.float() * self.scale[:, None]).to(dtype)
+        return _bitsandbytes().functional.dequantize_4bit(self.qweight, self.quant_state(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scheme == "int8":
+            return F.linear(x, self.dequantize(x.dtype), self.bias)
+        bnb = _bitsandbytes()
+        out = bnb.matmul_4bit(x, self.qweight.t(), quant_state=self.quant_state(x.dtype))
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}, dtype={self.dtype}"
+
+
+def is_block_linear(name: str) -> bool:
+    """Whether a module (or its `.weight`) name is one of the linear layers inside a block."""
+    parts = name.removesuffix(".weight").split(".")
+    return parts[0] == "layers" and parts[-1] in BLOCK_LINEARS
+
+
+def quantize_model(model: nn.Module, scheme: str) -> int:
+    """Replace the nn.Linear layers inside the blocks by quantised ones, in place; return how many.
+
+    The embedding, LM head and norms are left as they are. Call it before apply_lora.
+    """
+    check_scheme(scheme)
+    chosen = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and is_block_linear(n)]
+    for name, linear in chosen:
+        if linear.weight.is_meta:
+            raise QuantizationError(f"{name}: the weight is still on the meta device; load it before quantising")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, QuantizedLinear.from_weight(linear.weight, scheme, linear.bias))
+    return len(chosen)
+
+
+def quantized_linears(model: nn.Module) -> list[tuple[str, QuantizedLinear]]:
+    """(name, module) for every quantised linear layer, including those wrapped by LoRA as base_layer."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+
+
+# GGUF tensor types that hold plain floats (F32, F16, BF16); every other type is already quantised.
+_GGUF_FLOAT_TYPES = (0, 1, 30)
+
+
+def check_not_quantized_gguf(path: str | Path) -> None:
+    """Refuse a GGUF base whose block weights are already quantised (Q4_K, Q8_0, ...).
+
+    lorafit's GGUF reader dequantises to float32, so the whole model would exist in full precision while loading,
+    and quantising the dequantised weights again to NF4 compounds two rounding errors.
+    """
+    path = Path(path)
+    if path.suffix != ".gguf":
+        return
+    from gguf import GGUFReader
+
+    for tensor in GGUFReader(path).tensors:
+        if tensor.name.startswith("blk.") and int(tensor.tensor_type) not in _GGUF_FLOAT_TYPES:
+            raise QuantizationError(
+                f"{path}: tensor {tensor.name} is already quantised ({tensor.tensor_type.name}); --quantize needs a "
+                "float base (a Hugging Face checkpoint, or an F16/F32 GGUF): quantising it again compounds the errors"
+            )
+
+
+def load_quantized(
+    path: str | Path, scheme: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """Load a checkpoint with its block linears quantised while loading, one layer at a time.
+
+    The model is built on the meta device and each tensor is taken from the memory-mapped checkpoint, cast to
+    `dtype` on `device` and, for a block linear, quantised at once: at most one layer exists in full precision.
+    """
+    from lorafit.checkpoint import load_model
+
+    check_scheme(scheme)
+    check_not_quantized_gguf(path)
+
+    def quantize(name: str, weight: torch.Tensor) -> nn.Module | None:
+        return QuantizedLinear.from_weight(weight, scheme) if is_block_linear(name) else None
+
+    return load_model(path, dtype=dtype, device=device, make_linear=quantize)
+
