@@ -78,6 +78,22 @@ def _candidates() -> dict[str, Callable[[torch.Tensor], tuple[Callable[[torch.Te
         candidates[f"torchao {torchao.__version__} NF4Tensor (dq)"] = ao_nf4
     except ImportError:
         print("torchao is not installed: skipped")
+    from lorafit.quant import QuantizationError, QuantizedLinear
+
+    def lorafit_layer(scheme: str):
+        def quantise(w: torch.Tensor):
+            layer = QuantizedLinear.from_weight(w, scheme)
+            return layer, layer.nbytes
+
+        return quantise
+
+    for scheme in ("nf4", "nf4-dq", "int8"):
+        try:
+            candidates[f"lorafit QuantizedLinear {scheme}"] = lorafit_layer(scheme)
+            lorafit_layer(scheme)(torch.zeros(64, 64))
+        except QuantizationError as err:
+            print(f"lorafit {scheme}: {err}")
+            del candidates[f"lorafit QuantizedLinear {scheme}"]
     return candidates
 
 
@@ -91,20 +107,28 @@ def main() -> None:
     inputs = [torch.randn(args.tokens, inp, requires_grad=True) for _, inp in SHAPES]
     float_bytes = sum(_nbytes(w) for w in weights)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), shapes {SHAPES}, {args.tokens} tokens")
-    print(f"{'library':38} {'quantise ms':>11} {'fwd+bwd ms':>10} {'bytes':>10} {'x fp32':>7} {'max |err|':>9}")
+    print(f"{'library':44} {'quantise ms':>11} {'fwd+bwd ms':>10} {'bytes':>10} {'x fp32':>7} {'max |err|':>9}")
     for name, quantise in _candidates().items():
-        quantise_ms = sum(_median_ms(lambda w=w: quantise(w), max(1, args.repeats // 4)) for w in weights)
-        layers = [quantise(w) for w in weights]
+        quantise_ms, step_ms, held, err = _measure(quantise, weights, inputs, args.repeats)
+        print(f"{name:44} {quantise_ms:11.2f} {step_ms:10.2f} {held:10d} {held / float_bytes:7.3f} {err:9.5f}")
 
-        def step() -> None:
-            for (linear, _), x in zip(layers, inputs, strict=True):
-                linear(x).sum().backward()
 
-        step_ms = _median_ms(step, args.repeats)
-        held = sum(b for _, b in layers)
-        with torch.no_grad():
-            err = max((linear(torch.eye(w.shape[1])).t() - w).abs().max().item() for (linear, _), w in zip(layers, weights))
-        print(f"{name:38} {quantise_ms:11.2f} {step_ms:10.2f} {held:10d} {held / float_bytes:7.3f} {err:9.5f}")
+def _measure(quantise, weights: list[torch.Tensor], inputs: list[torch.Tensor], repeats: int):  # noqa: ANN001, ANN202
+    """(ms to quantise all weights, ms for forward + backward through all, bytes held, max |W - dequantised W|)."""
+    quantise_ms = sum(_median_ms(lambda w=w: quantise(w), max(1, repeats // 4)) for w in weights)
+    layers = [quantise(w) for w in weights]
+
+    def step() -> None:
+        for (linear, _), x in zip(layers, inputs, strict=True):
+            linear(x).sum().backward()
+
+    step_ms = _median_ms(step, repeats)
+    with torch.no_grad():
+        # Feeding the identity gives the weight the layer computes with, transposed.
+        err = max(
+            (lin(torch.eye(w.shape[1])).t() - w).abs().max().item() for (lin, _), w in zip(layers, weights, strict=True)
+        )
+    return quantise_ms, step_ms, sum(b for _, b in layers), err
 
 
 if __name__ == "__main__":

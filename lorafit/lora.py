@@ -295,7 +295,7 @@ class LoRALinear(nn.Linear):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the update into W (in place; over a quantised base into a new dequantised W), so forward costs the base's."""
+        """Fold the update into W, so forward costs the base's: in place, or over a quantised base into a new W."""
         if self.merged:
             return
         if self.dora:
@@ -338,9 +338,7 @@ class LoRALinear(nn.Linear):
         return out + delta.to(out.dtype)
 
     def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, r={self.r}, scaling={self.scaling:g}, dora={self.dora}, merged={self.merged}"
-        )
+        return f"{super().extra_repr()}, r={self.r}, scaling={self.scaling:g}, dora={self.dora}, merged={self.merged}"
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -397,7 +395,7 @@ def materialize_lora(model: nn.Module) -> None:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the LoRA (and DoRA magnitude) tensors, under lorafit's names (e.g. layers.0.self_attn.q_proj.lora_A.weight)."""
+    """Only the LoRA (and DoRA magnitude) tensors, under lorafit's names (layers.0.self_attn.q_proj.lora_A.weight)."""
     tensors = {}
     for name, module in lora_modules(model):
         tensors[f"{name}.lora_A.weight"] = module.lora_A.weight.detach()

@@ -17,7 +17,6 @@ norms stay in the model's dtype.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -70,7 +69,9 @@ def _bitsandbytes():  # noqa: ANN202 (the module)
         import bitsandbytes
         import bitsandbytes.functional  # noqa: F401 (loads the quantisers)
     except ImportError as err:
-        raise QuantizationError(f"NF4 quantisation needs bitsandbytes>=0.47, which is not installed: {INSTALL_HINT}") from err
+        raise QuantizationError(
+            f"NF4 quantisation needs bitsandbytes>=0.47, which is not installed: {INSTALL_HINT}"
+        ) from err
     return bitsandbytes
 
 
@@ -137,7 +138,9 @@ class QuantizedLinear(nn.Module):
             )
         return functional.QuantState(
             absmax=self.absmax,
-            shape=torch.Size((self.out_features, self.in_features)),
+            # Flat: bitsandbytes 0.50's CPU kernel dequantises an (out, in) shape wrongly when `in` is not a
+            # multiple of the block size (e.g. 48 x 32: errors of 1.9 on unit-variance weights); flat is right.
+            shape=torch.Size((self.out_features * self.in_features,)),
             code=self.code,
             blocksize=BLOCK_SIZE,
             quant_type="nf4",
@@ -151,17 +154,35 @@ class QuantizedLinear(nn.Module):
         dtype = dtype or self.dtype
         if self.scheme == "int8":
             return (self.qweight.float() * self.scale[:, None]).to(dtype)
-        return _bitsandbytes().functional.dequantize_4bit(self.qweight, self.quant_state(dtype))
+        flat = _bitsandbytes().functional.dequantize_4bit(self.qweight, self.quant_state(dtype))
+        return flat.reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scheme == "int8":
-            return F.linear(x, self.dequantize(x.dtype), self.bias)
-        bnb = _bitsandbytes()
-        out = bnb.matmul_4bit(x, self.qweight.t(), quant_state=self.quant_state(x.dtype))
+        out = _DequantizedLinear.apply(x, self)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}, dtype={self.dtype}"
+        features = f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"{features}, scheme={self.scheme}, dtype={self.dtype}"
+
+
+class _DequantizedLinear(torch.autograd.Function):
+    """x W^T with W dequantised in forward and again in backward, so no full-precision weight outlives a call.
+
+    This is what bitsandbytes' matmul_4bit does on the CPU too (and torchao's linear_nf4); autograd would keep
+    the dequantised weight from forward to backward, a full-precision copy of every layer of the model.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad @ ctx.layer.dequantize(grad.dtype), None
 
 
 def is_block_linear(name: str) -> bool:
@@ -230,4 +251,3 @@ def load_quantized(
         return QuantizedLinear.from_weight(weight, scheme) if is_block_linear(name) else None
 
     return load_model(path, dtype=dtype, device=device, make_linear=quantize)
-
