@@ -356,3 +356,26 @@ def test_adapter_tensor_mismatches_are_named(tmp_path, edit, message):
 def test_missing_adapter_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / ADAPTER_CONFIG} not found")):
         load_peft_adapter(to_lorafit(tiny_hf()), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "spelling, expected",
+    [
+        ("q_proj,v_proj", ("q", "v")),
+        ("all-linear", ("q", "k", "v", "o", "gate", "up", "down")),
+        ("self_attn.q_proj, mlp.down_proj", ("q", "down")),
+        (["model.layers.0.self_attn.k_proj", "lm_head"], ("k", "lm_head")),
+        ("all,lm_head", ("q", "k", "v", "o", "gate", "up", "down", "lm_head")),
+        ("v,q_proj", ("q", "v")),
+    ],
+)
+def test_targets_in_peft_spellings(spelling, expected):
+    assert parse_targets(spelling) == expected
+    assert LoRAConfig(targets=spelling).targets == expected
+
+
+def test_peft_suffix_with_an_unknown_module_is_named():
+    with pytest.raises(ValueError, match=re.escape("unknown LoRA target(s) 'self_attn.qkv_proj'")):
+        parse_targets("self_attn.qkv_proj")
+    with pytest.raises(ValueError, match="no LoRA targets given"):
+        parse_targets(" , ")
