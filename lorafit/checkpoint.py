@@ -96,8 +96,9 @@ def load_model(
 ) -> LLaMA:
     """Build the model on the meta device and assign the checkpoint's tensors, so it never exists twice.
 
-    make_linear(name, weight), when given, sees each weight as it is loaded and may return a module to stand in
-    place of the linear layer that owns it (lorafit.quant quantises layer by layer this way).
+    make_linear(name, tensor), when given, sees each tensor as the checkpoint holds it (memory-mapped, before the
+    cast to dtype and device) and may return a module to stand in place of the linear layer that owns it
+    (lorafit.quant quantises layer by layer this way).
     """
     path = Path(path)
     if path.is_file():
@@ -115,10 +116,10 @@ def load_model(
     # Move tensors one at a time, dropping each source as we go, so a cast never holds two copies.
     loaded = {}
     for name in expected:
-        tensor = state.pop(name).to(device=device, dtype=dtype)
+        tensor = state.pop(name)
         module = make_linear(name, tensor) if make_linear is not None else None
         if module is None:
-            loaded[name] = tensor
+            loaded[name] = tensor.to(device=device, dtype=dtype)
         else:
             parent, _, child = name.removesuffix(".weight").rpartition(".")
             setattr(model.get_submodule(parent), child, module)
