@@ -209,6 +209,27 @@ def quantize_model(model: nn.Module, scheme: str) -> int:
     return len(chosen)
 
 
+@torch.no_grad()
+def dequantize_model(model: nn.Module) -> int:
+    """Replace every quantised linear layer by an nn.Linear holding its dequantised weight; return how many.
+
+    After merging a QLoRA run (lorafit.lora.merge_lora folds each update into its dequantised base), this gives
+    a plain model whose state dict any Llama reader takes: what merge must save for a quantised run.
+    """
+    from lorafit.lora import LoRALinear
+
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise QuantizationError("the model still has LoRA layers; merge them (lorafit.lora.merge_lora) first")
+    chosen = quantized_linears(model)
+    for name, layer in chosen:
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        linear.weight = nn.Parameter(layer.dequantize(), requires_grad=False)
+        linear.bias = layer.bias
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
+    return len(chosen)
+
+
 def quantized_linears(model: nn.Module) -> list[tuple[str, QuantizedLinear]]:
     """(name, module) for every quantised linear layer, including those wrapped by LoRA as base_layer."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]

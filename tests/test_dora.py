@@ -212,3 +212,31 @@ def test_dora_head_with_the_loss_at_labels_only(tiny_checkpoint):
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0], losses
     assert model.lm_head.lora_magnitude_vector.grad is not None
+
+
+def test_dora_with_dropout_saves_a_boolean_mask_not_float_copies():
+    """Autograd keeps what _DoRAUpdate saves: x (shared with the base matmul), a bool mask, A h and W h + s B A h."""
+    torch.manual_seed(0)
+    layer = LoRALinear.from_linear(nn.Linear(64, 48), r=4, scaling=2.0, dropout=0.1, dora=True).train()
+    x = torch.randn(8, 64, requires_grad=True)
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x).sum().backward()
+    activations = [t for t in saved if t.shape[:1] == (8,)]  # per-token tensors, not weights or magnitudes
+    distinct = {t.untyped_storage().data_ptr(): t for t in activations}.values()
+    assert sorted((tuple(t.shape), str(t.dtype)) for t in distinct) == [
+        ((8, 4), "torch.float32"),
+        ((8, 48), "torch.float32"),
+        ((8, 64), "torch.bool"),
+        ((8, 64), "torch.float32"),
+    ]
+    assert all(
+        t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+        for t in activations
+        if t.shape == x.shape and t.dtype == x.dtype
+    )

@@ -24,6 +24,7 @@ from lorafit.quant import (
     check_method,
     check_not_quantized_gguf,
     check_scheme,
+    dequantize_model,
     load_quantized,
     quantize_model,
     quantized_linears,
@@ -353,3 +354,22 @@ def test_qlora_adapter_loads_in_peft_on_a_bitsandbytes_4bit_base(tmp_path):
         torch.testing.assert_close(theirs(ids).logits, model(ids), atol=1e-2, rtol=0)
         with theirs.disable_adapter():
             assert (theirs(ids).logits - model(ids)).abs().max() > 0.1  # the adapter matters beyond the tolerance
+
+
+def test_merged_qlora_dequantizes_to_a_plain_llama(tiny_checkpoint):
+    model = load_quantized(tiny_checkpoint, "nf4")
+    apply_lora(model, LoRAConfig(r=4, alpha=8, targets="q,v"))
+    _randomize(model)
+    model.eval()
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(ids)
+    with pytest.raises(QuantizationError, match="the model still has LoRA layers; merge them"):
+        dequantize_model(model)
+    merge_lora(model)
+    assert dequantize_model(model) == 2 * 5  # k, o, gate, up, down were never wrapped
+    assert not quantized_linears(model)
+    plain = LLaMA(model.config).eval()
+    plain.load_state_dict(model.state_dict())  # strict: exactly a Llama's tensors
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids), expected, atol=1e-5, rtol=0)
