@@ -6,14 +6,24 @@ input only: the base is frozen, as in QLoRA), and counts the bytes the quantised
 
     OMP_NUM_THREADS=1 python benchmarks/quant_choice.py [--repeats 20] [--tokens 128]
 
+With --checkpoint it also trains LoRA (q,v, r=8) for a few steps of micro-batch 1 x --tokens on that model, each
+base (float32, nf4, nf4-dq; with and without DoRA) in a fresh process, and reports loading time, peak RSS
+after loading and after the steps (ru_maxrss), and the median step time. Run it with MALLOC_MMAP_THRESHOLD_
+set (e.g. 1048576, what `finetune --cpu-mmap-threshold` does): glibc's heap otherwise keeps every freed
+dequantised weight resident.
+
 Times are medians over the repeats; on a shared machine they are noisy, compare them only within one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -101,7 +111,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--tokens", type=int, default=128, help="rows of the input (micro-batch x sequence)")
+    parser.add_argument("--checkpoint", help="also time LoRA training steps on this model (e.g. the default model)")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one --checkpoint configuration, as JSON
     args = parser.parse_args()
+    if args.one:
+        print(json.dumps(_train_steps(args.checkpoint, args.one, args.tokens, args.steps)))
+        return
     torch.manual_seed(0)
     weights = [torch.randn(out, inp) * 0.02 for out, inp in SHAPES]
     inputs = [torch.randn(args.tokens, inp, requires_grad=True) for _, inp in SHAPES]
@@ -111,6 +127,54 @@ def main() -> None:
     for name, quantise in _candidates().items():
         quantise_ms, step_ms, held, err = _measure(quantise, weights, inputs, args.repeats)
         print(f"{name:44} {quantise_ms:11.2f} {step_ms:10.2f} {held:10d} {held / float_bytes:7.3f} {err:9.5f}")
+    if args.checkpoint:
+        _compare_training(args)
+
+
+def _compare_training(args: argparse.Namespace) -> None:
+    print(f"\nLoRA q,v r=8 on {args.checkpoint}, micro-batch 1 x {args.tokens}, {args.steps} steps, one process each")
+    print(f"{'base':16} {'load s':>7} {'RSS load MiB':>12} {'step s':>7} {'tokens/s':>8} {'peak RSS MiB':>12}")
+    for base in ("float32", "nf4", "nf4-dq", "float32+dora", "nf4-dq+dora"):
+        command = [sys.executable, __file__, "--checkpoint", args.checkpoint, "--one", base]
+        command += ["--tokens", str(args.tokens), "--steps", str(args.steps)]
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        r = json.loads(out)
+        print(
+            f"{base:16} {r['load_s']:7.1f} {r['rss_load_mib']:12.0f} {r['step_s']:7.2f} "
+            f"{args.tokens / r['step_s']:8.1f} {r['rss_peak_mib']:12.0f}"
+        )
+
+
+def _train_steps(checkpoint: str, base: str, tokens: int, steps: int) -> dict[str, float]:
+    """Load the model (quantised or not), put LoRA on q,v and time `steps` optimizer steps."""
+    from lorafit.checkpoint import load_model
+    from lorafit.lora import LoRAConfig, apply_lora
+    from lorafit.quant import load_quantized
+    from lorafit.train import supervised_loss_sum
+
+    scheme, _, dora = base.partition("+")
+    start = time.perf_counter()
+    model = load_model(checkpoint) if scheme == "float32" else load_quantized(checkpoint, scheme)
+    result = {"load_s": time.perf_counter() - start, "rss_load_mib": _peak_rss_mib()}
+    apply_lora(model, LoRAConfig(r=8, alpha=16, dropout=0.05, targets="q,v", dora=bool(dora)))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    model.train()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        loss = supervised_loss_sum(model, ids, ids) / (tokens - 1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    result["step_s"] = statistics.median(times[1:] or times)  # the first step also warms up
+    result["rss_peak_mib"] = _peak_rss_mib()
+    return result
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _measure(quantise, weights: list[torch.Tensor], inputs: list[torch.Tensor], repeats: int):  # noqa: ANN001, ANN202
