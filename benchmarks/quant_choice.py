@@ -47,7 +47,11 @@ def _nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _candidates() -> dict[str, Callable[[torch.Tensor], tuple[Callable[[torch.Tensor], torch.Tensor], int]]]:
+Quantise = Callable[[torch.Tensor], tuple[Callable[[torch.Tensor], torch.Tensor], int]]
+"""quantise(weight) -> (the layer as a function of its input, bytes it holds)."""
+
+
+def _candidates() -> dict[str, Quantise]:
     """name -> quantise(weight) returning (linear(x), bytes held)."""
 
     def fp32(w: torch.Tensor):
@@ -177,7 +181,9 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _measure(quantise, weights: list[torch.Tensor], inputs: list[torch.Tensor], repeats: int):  # noqa: ANN001, ANN202
+def _measure(
+    quantise: Quantise, weights: list[torch.Tensor], inputs: list[torch.Tensor], repeats: int
+) -> tuple[float, float, int, float]:
     """(ms to quantise all weights, ms for forward + backward through all, bytes held, max |W - dequantised W|)."""
     quantise_ms = sum(_median_ms(lambda w=w: quantise(w), max(1, repeats // 4)) for w in weights)
     layers = [quantise(w) for w in weights]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,7 +144,17 @@ class _DoRAUpdate(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, A, B, g, base, weight, scaling, p):  # noqa: ANN001, ANN205 (autograd's signature)
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        g: torch.Tensor,
+        base: torch.Tensor | None,
+        weight: Callable[[], torch.Tensor],
+        scaling: float,
+        p: float,
+    ) -> torch.Tensor:
         mask = torch.empty_like(x).bernoulli_(1 - p) if p > 0 else None
         h = x * mask / (1 - p) if p > 0 else x
         a = F.linear(h, A)
@@ -156,7 +166,7 @@ class _DoRAUpdate(torch.autograd.Function):
         return (g - 1) * wh + g * lora
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, mask, a, A, B, g, u = ctx.saved_tensors
         grad = grad.to(A.dtype)
         grad_x = grad_A = grad_B = grad_g = grad_base = None

@@ -21,10 +21,15 @@ import ctypes
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from bitsandbytes.functional import QuantState
 
 SCHEMES = ("nf4", "nf4-dq", "int8")
 BLOCK_SIZE = 64
@@ -67,7 +72,7 @@ def check_method(method: str, scheme: str | None) -> None:
         )
 
 
-def _bitsandbytes():  # noqa: ANN202 (the module)
+def _bitsandbytes() -> ModuleType:
     try:
         import bitsandbytes
         import bitsandbytes.functional  # noqa: F401 (loads the quantisers)
@@ -131,7 +136,7 @@ class QuantizedLinear(nn.Module):
         """Bytes the quantised weight holds (codes, constants and code tables; not the bias)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
-    def quant_state(self, dtype: torch.dtype):  # noqa: ANN201 (bitsandbytes.functional.QuantState)
+    def quant_state(self, dtype: torch.dtype) -> QuantState:
         """bitsandbytes' QuantState for the nf4 schemes, dequantising to `dtype`."""
         functional = _bitsandbytes().functional
         state2 = None
