@@ -168,7 +168,8 @@ class _DoRAUpdate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, mask, a, A, B, g, u = ctx.saved_tensors
-        grad = grad.to(A.dtype)
+        # Under autocast the forward ran in bf16; backward (outside autocast) works in the LoRA weights' dtype.
+        grad, a = grad.to(A.dtype), a.to(A.dtype)
         grad_x = grad_A = grad_B = grad_g = grad_base = None
         if ctx.needs_input_grad[3]:
             grad_g = (grad * u).reshape(-1, grad.size(-1)).sum(0).to(g.dtype)

@@ -240,3 +240,25 @@ def test_dora_with_dropout_saves_a_boolean_mask_not_float_copies():
         for t in activations
         if t.shape == x.shape and t.dtype == x.dtype
     )
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_dora_under_bf16_autocast_matches_float32(dropout):
+    """Mixed precision: the forward runs in bf16 under autocast, backward in the (float32) DoRA weights' dtype."""
+    torch.manual_seed(0)
+    layer = LoRALinear.from_linear(nn.Linear(64, 48), r=4, scaling=2.0, dropout=dropout, dora=True).train()
+    randomize(layer)
+    x = torch.randn(5, 64)
+    results = []
+    for autocast in (False, True):
+        layer.zero_grad()
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = layer(x)
+        out.float().square().sum().backward()
+        results.append((out.float(), [p.grad.clone() for p in (layer.lora_A.weight, layer.lora_magnitude_vector)]))
+    (ref, ref_grads), (out, grads) = results
+    assert out.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    torch.testing.assert_close(out, ref, atol=0.05, rtol=0.02)
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad, ref_grad, atol=0.05 * ref_grad.abs().max().item(), rtol=0.05)
