@@ -14,7 +14,15 @@ import torch.nn.functional as F
 
 from lorafit.checkpoint import load_model
 from lorafit.config import Config
-from lorafit.lora import LoRAConfig, LoRALinear, apply_lora, lora_modules, merge_lora, save_peft_adapter
+from lorafit.lora import (
+    LoRAConfig,
+    LoRALinear,
+    apply_lora,
+    load_peft_adapter,
+    lora_modules,
+    merge_lora,
+    save_peft_adapter,
+)
 from lorafit.model import LLaMA
 from lorafit.quant import (
     BLOCK_SIZE,
@@ -373,3 +381,19 @@ def test_merged_qlora_dequantizes_to_a_plain_llama(tiny_checkpoint):
     plain.load_state_dict(model.state_dict())  # strict: exactly a Llama's tensors
     with torch.no_grad():
         torch.testing.assert_close(plain(ids), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_qlora_adapter_round_trips_onto_a_fresh_quantized_base(tmp_path, tiny_checkpoint, dora):
+    model = load_quantized(tiny_checkpoint, "nf4-dq")
+    config = LoRAConfig(r=4, alpha=8, targets="all", dora=dora)
+    apply_lora(model, config)
+    _randomize(model)
+    model.eval()
+    save_peft_adapter(model, config, tmp_path, str(tiny_checkpoint))
+    again = load_quantized(tiny_checkpoint, "nf4-dq")
+    assert load_peft_adapter(again, tmp_path) == config
+    again.eval()
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(again(ids), model(ids))
