@@ -11,11 +11,12 @@ import json
 import os
 import struct
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -89,8 +90,18 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{path}: no weights found; looked for {', '.join(WEIGHT_FILES)}")
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LLaMA:
-    """Build the model on the meta device and assign the checkpoint's tensors, so it never exists twice."""
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    make_linear: Callable[[str, torch.Tensor], nn.Module | None] | None = None,
+) -> LLaMA:
+    """Build the model on the meta device and assign the checkpoint's tensors, so it never exists twice.
+
+    make_linear(name, tensor), when given, sees each tensor as the checkpoint holds it (memory-mapped, before the
+    cast to dtype and device) and may return a module to stand in place of the linear layer that owns it
+    (lorafit.quant quantises layer by layer this way).
+    """
     path = Path(path)
     if path.is_file():
         config, state = _read_single_file(path, want_tensors=True)
@@ -105,7 +116,15 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         state.pop("lm_head.weight", None)
     _check_tensors(state, expected, path)
     # Move tensors one at a time, dropping each source as we go, so a cast never holds two copies.
-    loaded = {name: state.pop(name).to(device=device, dtype=dtype) for name in expected}
+    loaded = {}
+    for name in expected:
+        tensor = state.pop(name)
+        module = make_linear(name, tensor) if make_linear is not None else None
+        if module is None:
+            loaded[name] = tensor.to(device=device, dtype=dtype)
+        else:
+            parent, _, child = name.removesuffix(".weight").rpartition(".")
+            setattr(model.get_submodule(parent), child, module)
     model.load_state_dict(loaded, strict=False, assign=True)
     model.tie_weights()
     return model.eval()

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+
+from lorafit.checkpoint import read_safetensors
+from lorafit.io import save_safetensors, write_atomically, write_json
+from lorafit.quant import QuantizedLinear
 
 # Short target names -> the module names in the model (Hugging Face's, so they also name PEFT's target_modules).
 TARGETS = {
@@ -39,16 +41,34 @@ PEFT_PREFIX = "base_model.model."
 
 
 def parse_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
-    """Target names from "q,v", "all" or a sequence of TARGETS keys, validated and in TARGETS order."""
-    names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
-    if "all" in names:
-        names = [n for n in names if n != "all"] + list(ALL_LINEAR)
-    unknown = [n for n in names if n not in TARGETS]
+    """Target names from "q,v", "all" or a sequence of TARGETS keys, validated and in TARGETS order.
+
+    PEFT's spellings work too: module names ("q_proj,v_proj"), module-name suffixes ("self_attn.q_proj")
+    and "all-linear" (the same as "all").
+    """
+    names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else [t.strip() for t in targets]
+    names = [n for n in names if n]
+    by_module = {module: key for key, module in TARGETS.items()}
+    short = []
+    for name in names:
+        if name in ("all", "all-linear"):
+            short += ALL_LINEAR
+        elif name in TARGETS:
+            short.append(name)
+        elif name.rpartition(".")[2] in by_module:
+            # PEFT matches a target by module-name suffix, so "self_attn.q_proj" means q_proj.
+            short.append(by_module[name.rpartition(".")[2]])
+        else:
+            short.append(name)
+    unknown = [n for n in short if n not in TARGETS]
     if unknown:
-        raise ValueError(f"unknown LoRA target(s) {', '.join(map(repr, unknown))}; known: {', '.join(TARGETS)}, all")
-    if not names:
+        raise ValueError(
+            f"unknown LoRA target(s) {', '.join(map(repr, unknown))}; known: {', '.join(TARGETS)}, all "
+            f"(or PEFT's module names {', '.join(TARGETS.values())}, all-linear)"
+        )
+    if not short:
         raise ValueError("no LoRA targets given")
-    return tuple(t for t in TARGETS if t in names)
+    return tuple(t for t in TARGETS if t in short)
 
 
 @dataclass
@@ -65,6 +85,8 @@ class LoRAConfig:
     """Which linear layers get LoRA: keys of TARGETS (a string like "q,v" or "all" is parsed)."""
     rslora: bool = False
     """Rank-stabilised scaling (Kalajdzievski, 2023): alpha / sqrt(r) instead of alpha / r."""
+    dora: bool = False
+    """DoRA (Liu et al., 2024; PEFT's use_dora): also learn a magnitude per output feature of each adapted layer."""
 
     def __post_init__(self) -> None:
         self.targets = parse_targets(self.targets)
@@ -114,8 +136,69 @@ class _LoRAUpdate(torch.autograd.Function):
         return grad_x, grad_A, grad_B, None, None
 
 
+class _DoRAUpdate(torch.autograd.Function):
+    """DoRA's addition to the base output: (g - 1) · W h + g · scaling · B A h, h = dropout(x), g = m / ||W + s B A||.
+
+    This is PEFT's formula: without dropout W h is the base layer's output (passed in as `base`, not recomputed);
+    with dropout it is W applied to the dropped input (`weight` is then a function returning W, called again in
+    backward, so a dequantised base weight is never kept alive between forward and backward). Saves x, a boolean
+    dropout mask, A h and W h + s B A h (the last for g's gradient), like _LoRAUpdate instead of float copies.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        g: torch.Tensor,
+        base: torch.Tensor | None,
+        weight: Callable[[], torch.Tensor],
+        scaling: float,
+        p: float,
+    ) -> torch.Tensor:
+        mask = torch.empty_like(x).bernoulli_(1 - p) if p > 0 else None
+        h = x * mask / (1 - p) if p > 0 else x
+        a = F.linear(h, A)
+        lora = F.linear(a, B) * scaling
+        wh = base.to(A.dtype) if base is not None else F.linear(h, weight().to(A.dtype))
+        ctx.save_for_backward(x, None if mask is None else mask.bool(), a, A, B, g, wh + lora)
+        ctx.scaling, ctx.p, ctx.weight = scaling, p, weight
+        ctx.base_dtype = None if base is None else base.dtype
+        return (g - 1) * wh + g * lora
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, mask, a, A, B, g, u = ctx.saved_tensors
+        # Under autocast the forward ran in bf16; backward (outside autocast) works in the LoRA weights' dtype.
+        grad, a = grad.to(A.dtype), a.to(A.dtype)
+        grad_x = grad_A = grad_B = grad_g = grad_base = None
+        if ctx.needs_input_grad[3]:
+            grad_g = (grad * u).reshape(-1, grad.size(-1)).sum(0).to(g.dtype)
+        grad_lora = grad * g * ctx.scaling
+        grad_a = grad_lora @ B
+        if ctx.needs_input_grad[2]:
+            grad_B = grad_lora.reshape(-1, grad.size(-1)).t() @ a.reshape(-1, a.size(-1))
+        if ctx.needs_input_grad[1]:
+            h = x * mask / (1 - ctx.p) if mask is not None else x
+            grad_A = grad_a.reshape(-1, grad_a.size(-1)).t() @ h.reshape(-1, h.size(-1)).to(A.dtype)
+        if ctx.needs_input_grad[4]:
+            grad_base = (grad * (g - 1)).to(ctx.base_dtype)
+        if ctx.needs_input_grad[0]:
+            grad_h = grad_a @ A
+            if ctx.base_dtype is None:  # W h was computed here, on the dropped input
+                grad_h = grad_h + (grad * (g - 1)) @ ctx.weight().to(A.dtype)
+            grad_x = (grad_h * mask / (1 - ctx.p) if mask is not None else grad_h).to(x.dtype)
+        return grad_x, grad_A, grad_B, grad_g, grad_base, None, None, None
+
+
 class LoRALinear(nn.Linear):
-    """A frozen nn.Linear plus a trainable low-rank update; the base weight keeps its name `weight`."""
+    """A frozen nn.Linear plus a trainable low-rank update; the base weight keeps its name `weight`.
+
+    With DoRA it also learns `lora_magnitude_vector` (PEFT's name), one magnitude per output feature. Over a
+    quantised base (lorafit.quant.QuantizedLinear, kept as `base_layer` as PEFT does) `weight` is None until
+    merge, which folds the update into the dequantised base weight in the base's dtype.
+    """
 
     def __init__(
         self,
@@ -127,19 +210,27 @@ class LoRALinear(nn.Linear):
         bias: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        dora: bool = False,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.r, self.scaling = r, scaling
         self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=dtype)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        magnitude = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if dora else None
+        self.lora_magnitude_vector = magnitude
+        self.base_layer: QuantizedLinear | None = None
         self.merged = False
+        # m / ||W + s B A|| at merge time, to take a DoRA merge back out exactly.
+        self._dora_factor: torch.Tensor | None = None
         self.reset_lora_parameters()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, r: int, scaling: float, dropout: float = 0.0) -> LoRALinear:
-        """Wrap an existing layer, sharing (not copying) its weight; LoRA weights go beside it."""
-        weight = linear.weight
+    def from_linear(
+        cls, linear: nn.Linear | QuantizedLinear, r: int, scaling: float, dropout: float = 0.0, dora: bool = False
+    ) -> LoRALinear:
+        """Wrap an existing (possibly quantised) layer, sharing (not copying) its weight; LoRA weights go beside it."""
+        quantized = isinstance(linear, QuantizedLinear)
         # Built on meta so the base weight is not allocated and initialised a second time.
         lora = cls(
             linear.in_features,
@@ -149,55 +240,118 @@ class LoRALinear(nn.Linear):
             dropout,
             bias=linear.bias is not None,
             device="meta",
-            dtype=weight.dtype,
+            dtype=linear.dtype if quantized else linear.weight.dtype,
+            dora=dora,
         )
-        lora.weight, lora.bias = weight, linear.bias
+        if quantized:
+            lora.weight, lora.bias, lora.base_layer = None, linear.bias, linear
+        else:
+            lora.weight, lora.bias = linear.weight, linear.bias
         lora.materialize()
         return lora
 
+    @property
+    def dora(self) -> bool:
+        return self.lora_magnitude_vector is not None
+
+    def base_weight(self) -> torch.Tensor:
+        """The frozen base weight W (dequantised, in the base's dtype, for a quantised base)."""
+        if self.base_layer is not None:
+            return self.base_layer.dequantize()
+        return self.weight
+
+    def _base_is_meta(self) -> bool:
+        return self.base_layer.is_meta if self.base_layer is not None else self.weight.is_meta
+
+    @torch.no_grad()
     def reset_lora_parameters(self) -> None:
-        """A as nn.Linear initialises its weight, B zero: training starts exactly at the base model."""
+        """A as nn.Linear initialises its weight, B zero, m = ||W|| per row: training starts exactly at the base."""
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        if self.dora and not self._base_is_meta():
+            self.lora_magnitude_vector.copy_(self.weight_norm())
 
     def materialize(self) -> None:
         """Give LoRA weights still on the meta device real, initialised storage on the base weight's device."""
-        if self.lora_A.weight.is_meta and not self.weight.is_meta:
-            self.lora_A.to_empty(device=self.weight.device)
-            self.lora_B.to_empty(device=self.weight.device)
+        if self.lora_A.weight.is_meta and not self._base_is_meta():
+            device = self.base_layer.device if self.base_layer is not None else self.weight.device
+            self.lora_A.to_empty(device=device)
+            self.lora_B.to_empty(device=device)
+            if self.dora:
+                self.lora_magnitude_vector = nn.Parameter(
+                    torch.empty_like(self.lora_magnitude_vector, device=device),
+                    requires_grad=self.lora_magnitude_vector.requires_grad,
+                )
             self.reset_lora_parameters()
 
     def delta_weight(self) -> torch.Tensor:
         """scaling · B A, in the base weight's dtype (computed in float32)."""
         delta = self.lora_B.weight.float() @ self.lora_A.weight.float()
-        return (delta * self.scaling).to(self.weight.dtype)
+        return (delta * self.scaling).to(self._base_dtype())
+
+    def _base_dtype(self) -> torch.dtype:
+        return self.base_layer.dtype if self.base_layer is not None else self.weight.dtype
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """||W + scaling · B A|| per output feature, in float32; DoRA treats it as a constant (no gradient)."""
+        A, B = self.lora_A.weight.float(), self.lora_B.weight.float()
+        return torch.linalg.norm(self.base_weight().float() + self.scaling * (B @ A), dim=1)
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The weight that computes the same as base + update: W + s B A, with DoRA m · (W + s B A) / ||W + s B A||."""
+        weight = self.base_weight().float() + self.delta_weight().float()
+        if self.dora:
+            weight = (self.lora_magnitude_vector.float() / torch.linalg.norm(weight, dim=1))[:, None] * weight
+        return weight.to(self._base_dtype())
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the update into W in place, so forward runs at the base model's cost."""
-        if not self.merged:
-            self.weight += self.delta_weight()
-            self.merged = True
+        """Fold the update into W, so forward costs the base's: in place, or over a quantised base into a new W."""
+        if self.merged:
+            return
+        if self.dora:
+            self._dora_factor = self.lora_magnitude_vector.float() / self.weight_norm()
+        if self.base_layer is not None:
+            self.weight = nn.Parameter(self.merged_weight(), requires_grad=False)
+        else:
+            self.weight.copy_(self.merged_weight())
+        self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Take the update back out of W."""
-        if self.merged:
+        if not self.merged:
+            return
+        if self.base_layer is not None:
+            self.weight = None
+        elif self.dora:
+            weight = self.weight.float() / self._dora_factor[:, None] - self.delta_weight().float()
+            self.weight.copy_(weight.to(self.weight.dtype))
+        else:
             self.weight -= self.delta_weight()
-            self.merged = False
+        self._dora_factor = None
+        self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
         if self.merged:
-            return out
+            return F.linear(x, self.weight, self.bias)
+        out = self.base_layer(x) if self.base_layer is not None else F.linear(x, self.weight, self.bias)
         # The LoRA weights may be kept in a wider dtype than the frozen base (e.g. float32 beside bfloat16).
         h = x.to(self.lora_A.weight.dtype)
         p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) and self.training else 0.0
-        delta = _LoRAUpdate.apply(h, self.lora_A.weight, self.lora_B.weight, self.scaling, p)
+        if not self.dora:
+            delta = _LoRAUpdate.apply(h, self.lora_A.weight, self.lora_B.weight, self.scaling, p)
+            return out + delta.to(out.dtype)
+        g = self.lora_magnitude_vector / self.weight_norm().to(self.lora_magnitude_vector.dtype)
+        # Without dropout the base output (less its bias) is W x; with it PEFT applies W to the dropped input.
+        base = None if p > 0 else (out if self.bias is None else out - self.bias)
+        delta = _DoRAUpdate.apply(h, self.lora_A.weight, self.lora_B.weight, g, base, self.base_weight, self.scaling, p)
         return out + delta.to(out.dtype)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
+        return f"{super().extra_repr()}, r={self.r}, scaling={self.scaling:g}, dora={self.dora}, merged={self.merged}"
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -222,44 +376,47 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> int:
             "LoRA target 'lm_head' is not supported on a model with tied embeddings (tie_embeddings=True): "
             "lm_head shares its weight with embed_tokens, so merging would change the embedding too"
         )
-    chosen = _target_linears(model, targets)
+    chosen = target_linears(model, targets)
     if not chosen:
         raise ValueError(f"the model has no linear layers named {', '.join(TARGETS[t] for t in targets)}")
     for name, linear in chosen:
-        _replace(model, name, LoRALinear.from_linear(linear, config.r, config.scaling, config.dropout))
+        _replace(model, name, LoRALinear.from_linear(linear, config.r, config.scaling, config.dropout, config.dora))
     for param in model.parameters():
         param.requires_grad = False
     for _, module in lora_modules(model):
         module.lora_A.weight.requires_grad = True
         module.lora_B.weight.requires_grad = True
+        if module.dora:
+            module.lora_magnitude_vector.requires_grad = True
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _target_linears(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[str, nn.Linear]]:
-    """The plain nn.Linear layers that the given targets name."""
+def target_linears(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[str, nn.Linear | QuantizedLinear]]:
+    """The plain (or quantised) linear layers that the given targets name."""
     wanted = {TARGETS[t] for t in targets}
     return [
-        (name, m) for name, m in model.named_modules() if name.rpartition(".")[2] in wanted and type(m) is nn.Linear
+        (name, m)
+        for name, m in model.named_modules()
+        if name.rpartition(".")[2] in wanted and (type(m) is nn.Linear or isinstance(m, QuantizedLinear))
     ]
 
 
-def materialize_lora(model: nn.Module) -> None:
-    """After building on meta, applying LoRA and loading base weights with assign=True: initialise LoRA weights."""
-    for _, module in lora_modules(model):
-        module.materialize()
-
-
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the LoRA tensors, under lorafit's names (e.g. layers.0.self_attn.q_proj.lora_A.weight)."""
+    """Only the LoRA (and DoRA magnitude) tensors, under lorafit's names (layers.0.self_attn.q_proj.lora_A.weight)."""
     tensors = {}
     for name, module in lora_modules(model):
         tensors[f"{name}.lora_A.weight"] = module.lora_A.weight.detach()
         tensors[f"{name}.lora_B.weight"] = module.lora_B.weight.detach()
+        if module.dora:
+            tensors[f"{name}.lora_magnitude_vector"] = module.lora_magnitude_vector.detach()
     return tensors
 
 
 def merge_lora(model: nn.Module) -> None:
-    """Fold every LoRA update into its base weight and put plain nn.Linear layers back."""
+    """Fold every LoRA update into its base weight and put plain nn.Linear layers back.
+
+    A quantised base is dequantised first: the merged layer holds a full weight in the base's dtype.
+    """
     for name, module in list(lora_modules(model)):
         module.merge()
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
@@ -282,20 +439,14 @@ def from_peft_key(key: str) -> str:
     return name.replace(".base_layer.", ".")
 
 
-def _write_atomically(path: Path, write: Any) -> None:
-    """Call write(temp_path), then rename over path, so a crash never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def peft_config(config: LoRAConfig, base_model_name_or_path: str) -> dict[str, Any]:
+def peft_config(config: LoRAConfig, base_model_name_or_path: str, revision: str | None = None) -> dict[str, Any]:
     """adapter_config.json's contents for this LoRA config."""
     alpha = int(config.alpha) if float(config.alpha).is_integer() else config.alpha
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
+        "revision": revision,
         "r": config.r,
         "lora_alpha": alpha,
         "lora_dropout": config.dropout,
@@ -306,7 +457,7 @@ def peft_config(config: LoRAConfig, base_model_name_or_path: str) -> dict[str, A
         "inference_mode": True,
         "init_lora_weights": True,
         "modules_to_save": None,
-        "use_dora": False,
+        "use_dora": config.dora,
         "rank_pattern": {},
         "alpha_pattern": {},
         "layers_to_transform": None,
@@ -314,21 +465,24 @@ def peft_config(config: LoRAConfig, base_model_name_or_path: str) -> dict[str, A
     }
 
 
-def save_peft_adapter(model: nn.Module, config: LoRAConfig, out_dir: str | Path, base_model_name_or_path: str) -> None:
-    """Write adapter_model.safetensors + adapter_config.json as PEFT does."""
+def save_peft_adapter(
+    model: nn.Module,
+    config: LoRAConfig,
+    out_dir: str | Path,
+    base_model_name_or_path: str,
+    revision: str | None = None,
+) -> None:
+    """Write adapter_model.safetensors + adapter_config.json as PEFT does (revision: a hub base's, as PEFT has it)."""
     tensors = {to_peft_key(k): v.to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
     if not tensors:
         raise ValueError("the model has no LoRA layers to save; call apply_lora first")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomically(out / ADAPTER_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    text = json.dumps(peft_config(config, base_model_name_or_path), indent=2) + "\n"
-    _write_atomically(out / ADAPTER_CONFIG, lambda p: p.write_text(text))
+    write_atomically(out / ADAPTER_WEIGHTS, lambda p: save_safetensors(tensors, p, {"format": "pt"}))
+    write_json(out / ADAPTER_CONFIG, peft_config(config, base_model_name_or_path, revision))
 
 
 # Fields of adapter_config.json that describe something lorafit's LoRA does not do, with the value meaning "off".
 _UNSUPPORTED_FIELDS = (
-    "use_dora",
     "lora_bias",
     "modules_to_save",
     "layers_to_transform",
@@ -366,6 +520,7 @@ def config_from_peft(peft: dict[str, Any], where: str) -> LoRAConfig:
         dropout=peft.get("lora_dropout", 0.0),
         targets=_targets_from_peft(peft.get("target_modules"), where),
         rslora=bool(peft.get("use_rslora", False)),
+        dora=bool(peft.get("use_dora", False)),
     )
 
 
@@ -377,15 +532,14 @@ def _targets_from_peft(modules: Any, where: str) -> tuple[str, ...]:
         raise ValueError(
             f"{where}: target_modules={modules!r} is not supported (a list of module names or 'all-linear')"
         )
-    by_module = {module: key for key, module in TARGETS.items()}
-    # PEFT matches a target by name suffix, so "self_attn.q_proj" means q_proj too.
-    unknown = [m for m in modules if m.rpartition(".")[2] not in by_module]
+    # Only module names count here: lorafit's short names ("q") are not PEFT's.
+    unknown = [m for m in modules if m.rpartition(".")[2] not in TARGETS.values()]
     if unknown:
         raise ValueError(
             f"{where}: target_modules {unknown} cannot be mapped; lorafit's LoRA targets are "
             f"{', '.join(TARGETS.values())}"
         )
-    return parse_targets([by_module[m.rpartition(".")[2]] for m in modules])
+    return parse_targets(modules)
 
 
 def adapter_base_model(adapter_dir: str | Path) -> str:
@@ -409,8 +563,8 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAConfig:
                 f"{path} not found (a PEFT adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})"
             )
     config = config_from_peft(json.loads(config_path.read_text()), str(config_path))
-    tensors = {from_peft_key(k): v for k, v in load_file(weights_path).items()}
-    _check_lora_tensors(model, config, tensors, str(weights_path))
+    tensors = {from_peft_key(k): v for k, v in read_safetensors(weights_path).items()}
+    check_lora_tensors(model, config, tensors, str(weights_path))
     apply_lora(model, config)
     # Copy into the model's tensors; where they are still on meta (a model built there), take the tensors themselves.
     current = model.state_dict()
@@ -419,14 +573,16 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAConfig:
     return config
 
 
-def _check_lora_tensors(model: nn.Module, config: LoRAConfig, tensors: dict[str, torch.Tensor], where: str) -> None:
+def check_lora_tensors(model: nn.Module, config: LoRAConfig, tensors: dict[str, torch.Tensor], where: str) -> None:
     """Check, before touching the model, that the adapter's tensors are exactly the ones its config implies."""
     expected, optional = {}, {}
-    for name, linear in _target_linears(model, config.targets):
+    for name, linear in target_linears(model, config.targets):
         expected[f"{name}.lora_A.weight"] = (config.r, linear.in_features)
         expected[f"{name}.lora_B.weight"] = (linear.out_features, config.r)
+        if config.dora:
+            expected[f"{name}.lora_magnitude_vector"] = (linear.out_features,)
         # PEFT also saves the base weight of a targeted lm_head (in case the vocabulary was resized); it loads it.
-        optional[f"{name}.weight"] = tuple(linear.weight.shape)
+        optional[f"{name}.weight"] = (linear.out_features, linear.in_features)
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected) - set(optional))
     if missing:

@@ -22,7 +22,6 @@ from lorafit.lora import (
     load_peft_adapter,
     lora_modules,
     lora_state_dict,
-    materialize_lora,
     merge_lora,
     parse_targets,
     save_peft_adapter,
@@ -146,22 +145,6 @@ def test_trainable_count_llama2_7b_on_meta():
     assert "layers.0.self_attn.q_proj.weight" in model.state_dict()
 
 
-def test_build_on_meta_apply_lora_then_load_with_assign(idx):
-    hf = tiny_hf()
-    base = to_lorafit(hf)
-    with torch.device("meta"):
-        model = LLaMA(base.config)
-    apply_lora(model, LoRAConfig(r=4, targets="all"))
-    result = model.load_state_dict(base.state_dict(), strict=False, assign=True)
-    assert sorted(result.missing_keys) == sorted(lora_state_dict(model)) and not result.unexpected_keys
-    materialize_lora(model)
-    model.tie_weights()
-    model.eval()
-    assert not any(p.is_meta for p in model.parameters())
-    assert all(p.requires_grad == ("lora_" in name) for name, p in model.named_parameters())
-    assert torch.equal(logits(model, idx), logits(base, idx))
-
-
 def test_lora_training_lowers_the_loss():
     torch.manual_seed(0)
     model = to_lorafit(tiny_hf())
@@ -270,7 +253,10 @@ def test_peft_adapter_loads_into_a_model_built_on_meta(tmp_path, idx):
 
 
 def test_unknown_target_is_named():
-    message = "unknown LoRA target(s) 'qkv', 'mlp'; known: q, k, v, o, gate, up, down, lm_head, all"
+    message = (
+        "unknown LoRA target(s) 'qkv', 'mlp'; known: q, k, v, o, gate, up, down, lm_head, all (or PEFT's module "
+        "names q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head, all-linear)"
+    )
     with pytest.raises(ValueError, match=re.escape(message)):
         LoRAConfig(targets=("q", "qkv", "mlp"))
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -303,7 +289,6 @@ def _saved_adapter(path: Path) -> Path:
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("use_dora", True, "use_dora=True is not supported"),
         ("bias", "lora_only", "bias='lora_only' is not supported (only 'none')"),
         ("modules_to_save", ["lm_head"], "modules_to_save=['lm_head'] is not supported"),
         ("layers_to_transform", [0], "layers_to_transform=[0] is not supported"),
@@ -354,3 +339,26 @@ def test_adapter_tensor_mismatches_are_named(tmp_path, edit, message):
 def test_missing_adapter_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / ADAPTER_CONFIG} not found")):
         load_peft_adapter(to_lorafit(tiny_hf()), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "spelling, expected",
+    [
+        ("q_proj,v_proj", ("q", "v")),
+        ("all-linear", ("q", "k", "v", "o", "gate", "up", "down")),
+        ("self_attn.q_proj, mlp.down_proj", ("q", "down")),
+        (["model.layers.0.self_attn.k_proj", "lm_head"], ("k", "lm_head")),
+        ("all,lm_head", ("q", "k", "v", "o", "gate", "up", "down", "lm_head")),
+        ("v,q_proj", ("q", "v")),
+    ],
+)
+def test_targets_in_peft_spellings(spelling, expected):
+    assert parse_targets(spelling) == expected
+    assert LoRAConfig(targets=spelling).targets == expected
+
+
+def test_peft_suffix_with_an_unknown_module_is_named():
+    with pytest.raises(ValueError, match=re.escape("unknown LoRA target(s) 'self_attn.qkv_proj'")):
+        parse_targets("self_attn.qkv_proj")
+    with pytest.raises(ValueError, match="no LoRA targets given"):
+        parse_targets(" , ")

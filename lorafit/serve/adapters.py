@@ -22,10 +22,10 @@ from lorafit.lora import (
     ADAPTER_WEIGHTS,
     TARGETS,
     LoRAConfig,
-    _check_lora_tensors,
-    _target_linears,
+    check_lora_tensors,
     config_from_peft,
     from_peft_key,
+    target_linears,
 )
 from lorafit.methods import method_of_run
 from lorafit.methods.lora import LoRA
@@ -78,12 +78,12 @@ def read_lora_adapter(path: str | Path, base: LLaMA) -> tuple[LoRAConfig, dict[s
     with torch.device("meta"):
         shapes = LLaMA(base.config)
     try:
-        _check_lora_tensors(shapes, config, tensors, str(path / ADAPTER_WEIGHTS))
+        check_lora_tensors(shapes, config, tensors, str(path / ADAPTER_WEIGHTS))
     except ValueError as error:
         raise AdapterError(f"{error} (was it trained on a different base model?)") from None
     pairs = {
         name: (tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"])
-        for name, _ in _target_linears(shapes, config.targets)
+        for name, _ in target_linears(shapes, config.targets)
     }
     return config, pairs
 

@@ -1,0 +1,306 @@
+"""A quantised frozen base for QLoRA (Dettmers et al., 2023) and for inference.
+
+Schemes:
+- `nf4`: 4-bit NormalFloat codes in blocks of 64 weights, one float32 absmax constant per block.
+- `nf4-dq`: the same, with the absmax constants quantised again to 8 bits in blocks of 256 (double quantisation).
+- `int8`: weight-only int8 with one float scale per output channel (absmax / 127), for inference.
+
+NF4 uses bitsandbytes (`pip install "lorafit[quant]"`), the QLoRA authors' library and the one PEFT and
+transformers quantise with: its quantiser and kernels run on x86-64 CPUs (since 0.47) and CUDA, handle every
+layer shape (torchao's NF4Tensor needs a multiple of 64 x 256 weights, which 576 x 576 is not), and were faster
+here (benchmarks/quant_choice.py). int8 is plain PyTorch.
+
+As in the QLoRA paper and PEFT/transformers (which keep `lm_head` and every nn.Embedding in full precision),
+only the linear layers inside the blocks are quantised: the token embedding, the LM head (tied or not) and the
+norms stay in the model's dtype.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from bitsandbytes.functional import QuantState
+
+SCHEMES = ("nf4", "nf4-dq", "int8")
+BLOCK_SIZE = 64
+"""Weights per NF4 absmax constant (the QLoRA paper's and bitsandbytes' default)."""
+SCALE_BLOCK_SIZE = 256
+"""Absmax constants per 8-bit block with double quantisation (bitsandbytes' compress_statistics)."""
+BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The linear layers that get quantised: all those inside the transformer blocks."""
+INSTALL_HINT = 'pip install "lorafit[quant]"'
+
+
+class QuantizationError(ValueError):
+    """A quantisation request that cannot be served: unknown scheme, missing library, unsuitable base or method."""
+
+
+def check_scheme(scheme: str) -> str:
+    """The scheme, validated; for NF4 schemes also check that bitsandbytes can be imported."""
+    if scheme not in SCHEMES:
+        raise QuantizationError(f"unknown quantisation scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+    if scheme.startswith("nf4"):
+        _bitsandbytes()
+    return scheme
+
+
+def _bitsandbytes() -> ModuleType:
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional  # noqa: F401 (loads the quantisers)
+    except ImportError as err:
+        raise QuantizationError(
+            f"NF4 quantisation needs bitsandbytes>=0.47, which is not installed: {INSTALL_HINT}"
+        ) from err
+    return bitsandbytes
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen linear layer whose weight is stored quantised; forward dequantises it (on the fly) in `dtype`.
+
+    Buffers (so .to(device) moves them): nf4 holds `qweight` (two 4-bit codes per byte), `absmax` (float32 per
+    block of 64, or uint8 with double quantisation plus `absmax2` per 256 and `offset`) and bitsandbytes' code
+    tables; int8 holds `qweight` (int8, out x in) and `scale` (float32 per output row).
+    """
+
+    def __init__(self, in_features: int, out_features: int, scheme: str, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.scheme, self.dtype = in_features, out_features, scheme, dtype
+        self.bias: nn.Parameter | None = None
+
+    @classmethod
+    @torch.no_grad()
+    def from_weight(cls, weight: torch.Tensor, scheme: str, bias: torch.Tensor | None = None) -> QuantizedLinear:
+        """Quantise an (out, in) float weight; the layer computes in the weight's dtype, on its device."""
+        check_scheme(scheme)
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, scheme, weight.dtype)
+        if scheme == "int8":
+            scale = weight.float().abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+            layer.register_buffer("qweight", torch.round(weight.float() / scale[:, None]).to(torch.int8))
+            layer.register_buffer("scale", scale)
+        else:
+            functional = _bitsandbytes().functional
+            q, state = functional.quantize_4bit(
+                weight.contiguous(), blocksize=BLOCK_SIZE, quant_type="nf4", compress_statistics=scheme == "nf4-dq"
+            )
+            layer.register_buffer("qweight", q)
+            layer.register_buffer("absmax", state.absmax)
+            layer.register_buffer("code", state.code)
+            if state.nested:
+                layer.register_buffer("absmax2", state.state2.absmax)
+                layer.register_buffer("code2", state.state2.code)
+                layer.register_buffer("offset", state.offset.reshape(()))
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().to(weight.dtype), requires_grad=False)
+        return layer
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    @property
+    def is_meta(self) -> bool:
+        return self.qweight.is_meta
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the quantised weight holds (codes, constants and code tables; not the bias)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def quant_state(self, dtype: torch.dtype) -> QuantState:
+        """bitsandbytes' QuantState for the nf4 schemes, dequantising to `dtype`."""
+        functional = _bitsandbytes().functional
+        state2 = None
+        if self.scheme == "nf4-dq":
+            state2 = functional.QuantState(
+                absmax=self.absmax2, code=self.code2, blocksize=SCALE_BLOCK_SIZE, dtype=torch.float32
+            )
+        return functional.QuantState(
+            absmax=self.absmax,
+            # Flat: bitsandbytes 0.50's CPU kernel dequantises an (out, in) shape wrongly when `in` is not a
+            # multiple of the block size (e.g. 48 x 32: errors of 1.9 on unit-variance weights); flat is right.
+            shape=torch.Size((self.out_features * self.in_features,)),
+            code=self.code,
+            blocksize=BLOCK_SIZE,
+            quant_type="nf4",
+            dtype=dtype,
+            offset=self.offset if state2 is not None else None,
+            state2=state2,
+        )
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The full (out, in) weight the codes stand for, in `dtype` (default: the layer's)."""
+        dtype = dtype or self.dtype
+        if self.scheme == "int8":
+            return (self.qweight.float() * self.scale[:, None]).to(dtype)
+        flat = _bitsandbytes().functional.dequantize_4bit(self.qweight, self.quant_state(dtype))
+        return flat.reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _DequantizedLinear.apply(x, self)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def extra_repr(self) -> str:
+        features = f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"{features}, scheme={self.scheme}, dtype={self.dtype}"
+
+
+class _DequantizedLinear(torch.autograd.Function):
+    """x W^T with W dequantised in forward and again in backward, so no full-precision weight outlives a call.
+
+    This is what bitsandbytes' matmul_4bit does on the CPU too (and torchao's linear_nf4); autograd would keep
+    the dequantised weight from forward to backward, a full-precision copy of every layer of the model.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad @ ctx.layer.dequantize(grad.dtype), None
+
+
+def is_block_linear(name: str) -> bool:
+    """Whether a module (or its `.weight`) name is one of the linear layers inside a block."""
+    parts = name.removesuffix(".weight").split(".")
+    return parts[0] == "layers" and parts[-1] in BLOCK_LINEARS
+
+
+def quantize_model(model: nn.Module, scheme: str) -> int:
+    """Replace the nn.Linear layers inside the blocks by quantised ones, in place; return how many.
+
+    The embedding, LM head and norms are left as they are. Call it before apply_lora.
+    """
+    check_scheme(scheme)
+    chosen = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and is_block_linear(n)]
+    for name, linear in chosen:
+        if linear.weight.is_meta:
+            raise QuantizationError(f"{name}: the weight is still on the meta device; load it before quantising")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, QuantizedLinear.from_weight(linear.weight, scheme, linear.bias))
+    return len(chosen)
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module) -> int:
+    """Replace every quantised linear layer by an nn.Linear holding its dequantised weight; return how many.
+
+    After merging a QLoRA run (lorafit.lora.merge_lora folds each update into its dequantised base), this gives
+    a plain model whose state dict any Llama reader takes: what merge must save for a quantised run.
+    """
+    from lorafit.lora import LoRALinear
+
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise QuantizationError("the model still has LoRA layers; merge them (lorafit.lora.merge_lora) first")
+    chosen = quantized_linears(model)
+    for name, layer in chosen:
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        linear.weight = nn.Parameter(layer.dequantize(), requires_grad=False)
+        linear.bias = layer.bias
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
+    return len(chosen)
+
+
+def stored_bytes(numel: int, scheme: str) -> int:
+    """Bytes a quantised weight of `numel` elements takes (codes and constants), as QuantizedLinear stores it."""
+    blocks = -(-numel // BLOCK_SIZE)
+    codes = -(-numel // 2) + 4 * 16  # two 4-bit codes per byte, and the 16 NF4 levels
+    if scheme == "nf4":
+        return codes + 4 * blocks  # a float32 absmax per block
+    if scheme == "nf4-dq":  # 8-bit absmax per block, a float32 absmax per 256 of them, their code table and offset
+        return codes + blocks + 4 * -(-blocks // SCALE_BLOCK_SIZE) + 4 * 256 + 4
+    raise QuantizationError(f"unknown quantisation scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+
+
+def quantized_linears(model: nn.Module) -> list[tuple[str, QuantizedLinear]]:
+    """(name, module) for every quantised linear layer, including those wrapped by LoRA as base_layer."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+
+
+# GGUF tensor types that hold plain floats (F32, F16, BF16); every other type is already quantised.
+_GGUF_FLOAT_TYPES = (0, 1, 30)
+
+
+def check_not_quantized_gguf(path: str | Path) -> None:
+    """Refuse a GGUF base whose block weights are already quantised (Q4_K, Q8_0, ...).
+
+    lorafit's GGUF reader dequantises to float32, so the whole model would exist in full precision while loading,
+    and quantising the dequantised weights again to NF4 compounds two rounding errors.
+    """
+    path = Path(path)
+    if path.suffix != ".gguf":
+        return
+    from gguf import GGUFReader
+
+    for tensor in GGUFReader(path).tensors:
+        if tensor.name.startswith("blk.") and int(tensor.tensor_type) not in _GGUF_FLOAT_TYPES:
+            raise QuantizationError(
+                f"{path}: tensor {tensor.name} is already quantised ({tensor.tensor_type.name}); --quantize needs a "
+                "float base (a Hugging Face checkpoint, or an F16/F32 GGUF): quantising it again compounds the errors"
+            )
+
+
+def _release_pages(tensor: torch.Tensor) -> None:
+    """Tell the kernel (Linux madvise MADV_DONTNEED) that a CPU tensor about to be dropped needs its pages no more.
+
+    Checkpoint tensors are views of a memory-mapped file, and every page read while quantising stays mapped, and
+    counted in the process's RSS, until the last tensor of the file is freed: without this, loading SmolLM2-135M
+    with nf4-dq peaked at 1067 MiB RSS, all of the float32 file plus the model. Only pages wholly inside the
+    tensor are released: a file-backed page is read again if ever touched, an anonymous one reads as zeros, and
+    nothing else lives there.
+    """
+    if tensor.device.type != "cpu" or not sys.platform.startswith("linux") or tensor.numel() == 0:
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    start, end = -(-start // page) * page, end // page * page
+    if end > start:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # 4: MADV_DONTNEED
+
+
+def load_quantized(
+    path: str | Path, scheme: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """Load a checkpoint with its block linears quantised while loading, one layer at a time.
+
+    The model is built on the meta device and each tensor is taken from the memory-mapped checkpoint, cast to
+    `dtype` on `device` and, for a block linear, quantised at once: at most one layer exists in full precision.
+    """
+    from lorafit.checkpoint import load_model
+
+    check_scheme(scheme)
+    check_not_quantized_gguf(path)
+
+    def quantize(name: str, source: torch.Tensor) -> nn.Module | None:
+        if not is_block_linear(name):
+            return None
+        layer = QuantizedLinear.from_weight(source.to(device=device, dtype=dtype), scheme)
+        _release_pages(source)
+        return layer
+
+    model = load_model(path, dtype=dtype, device=device, make_linear=quantize)
+    if torch.device(device).type == "cpu":
+        # What was not quantised may still be a view of the memory-mapped checkpoint, which keeps every page read
+        # while quantising mapped (and counted in RSS); owning copies of those few tensors lets the file go.
+        with torch.no_grad():
+            for param in model.parameters():
+                mapped, param.data = param.data, param.data.clone()
+                _release_pages(mapped)
+    return model
