@@ -39,14 +39,20 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The attribute docstrings of a dataclass (the string under each field), as help texts."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    """The attribute docstrings of a dataclass and its dataclass bases (the string under each field), as help."""
     docs = {}
-    for node, after in zip(body, body[1:], strict=False):
-        is_doc = isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and is_doc:
-            docs[node.target.id] = " ".join(str(after.value.value).split())
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, after in zip(body, body[1:], strict=False):
+            is_doc = isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and is_doc:
+                docs[node.target.id] = " ".join(str(after.value.value).split())
     return docs
+
+
+def field_dest(f: dataclasses.Field, prefix: str) -> str:
+    """The flag destination of a dataclass field: {prefix}_{name}, or the field's own `flag` metadata."""
+    return f.metadata.get("flag") or (f"{prefix}_{f.name}" if prefix else f.name)
 
 
 def _argument_kind(hint: Any) -> dict[str, Any]:
@@ -82,7 +88,7 @@ class Leaf:
         for f in dataclasses.fields(cls):
             if only is not None and f.name not in only:
                 continue
-            dest = f"{prefix}_{f.name}" if prefix else f.name
+            dest = field_dest(f, prefix)
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             if isinstance(default, tuple):
                 default = ",".join(default)
@@ -94,7 +100,7 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, prefix: str = "", *
     """An instance of `cls` from the flags add_dataclass made (fields not on the command line keep their default)."""
     values = {}
     for f in dataclasses.fields(cls):
-        dest = f"{prefix}_{f.name}" if prefix else f.name
+        dest = field_dest(f, prefix)
         if hasattr(args, dest):
             values[f.name] = getattr(args, dest)
     return cls(**(values | fixed))

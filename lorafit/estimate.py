@@ -311,7 +311,7 @@ def estimate_memory(
     params = list(plain.model.parameters())  # tied weights appear once
     trainable = [p for p in params if p.requires_grad]
     trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
-    weights = sum(p.numel() * p.element_size() for p in params) + plain.rope_bytes
+    weights = method.stored_weight_bytes(plain.model, method_config) + plain.rope_bytes
     gradients = trainable_bytes
     optimizer = 2 * trainable_bytes
 
@@ -328,7 +328,7 @@ def estimate_memory(
     layer_phase = head_grad + 3 * tokens * config.intermediate_size * lin + tokens * config.n_embd * 4
     if activation_checkpointing:
         layer_phase += max(plain.per_block)  # one block's activations, recomputed
-    workspace = max(loss_phase, head_phase, layer_phase)
+    workspace = max(loss_phase, head_phase, layer_phase) + method.workspace_bytes(plain.model, method_config)
     # AdamW on the CPU steps tensor by tensor; sqrt(v) / bias_correction makes two temporaries of the largest.
     largest = max((p.numel() * p.element_size() for p in trainable), default=0)
     step_scratch = 0 if device == "cuda" else 2 * largest

@@ -19,7 +19,6 @@ from typing import Any, Literal
 import torch
 
 from lorafit import distributed
-from lorafit.checkpoint import load_model
 from lorafit.data import load_prepared, prepare_source
 from lorafit.data.prepare import IGNORE_INDEX, TokenDataset, read_info
 from lorafit.hub import checkpoint_origin, resolve_checkpoint
@@ -186,7 +185,7 @@ def finetune_here(
         resume_path = None if resume is None else checkpoint_to_resume(run_dir, resume, fields["run_id"], None)
 
     torch.manual_seed(cfg.seed)  # the method's initialisation (LoRA's A) and dropout follow --seed
-    model = load_model(base, dtype=weights_dtype(cfg.precision), device=device)
+    model = method.load_base(base, weights_dtype(cfg.precision), device, method_config)
     if distributed.is_main():  # the base's fingerprint: the run is never applied to, nor resumed on, another base
         fingerprint = base_fingerprint(model)
         if saved is None:

@@ -82,7 +82,8 @@ class LoRAConfig:
     dropout: float = 0.05
     """Dropout on the LoRA branch's input during training."""
     targets: tuple[str, ...] = ("q", "v")
-    """Which linear layers get LoRA: keys of TARGETS (a string like "q,v" or "all" is parsed)."""
+    """Which linear layers get LoRA: q,k,v,o,gate,up,down,lm_head, all (every linear in the blocks), or PEFT's
+    module names (q_proj,v_proj, all-linear)."""
     rslora: bool = False
     """Rank-stabilised scaling (Kalajdzievski, 2023): alpha / sqrt(r) instead of alpha / r."""
     dora: bool = False

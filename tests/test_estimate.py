@@ -189,8 +189,8 @@ def test_activation_checkpointing_saves_memory_and_bf16_halves_lora_weights():
 
 
 def test_bad_input_is_named():
-    with pytest.raises(ValueError, match="unknown finetuning method 'qlora'"):
-        estimate_memory(SMALL, "qlora", 1, 128, "32-true")
+    with pytest.raises(ValueError, match="unknown finetuning method 'dpo'"):
+        estimate_memory(SMALL, "dpo", 1, 128, "32-true")
     with pytest.raises(ValueError, match="precision must be one of 32-true, bf16-mixed, bf16-true; got 'fp16'"):
         estimate_memory(SMALL, "lora", 1, 128, "fp16")
 

@@ -14,9 +14,10 @@ from lorafit.methods.base import Method
 from lorafit.methods.full import Full
 from lorafit.methods.llama_adapter import LlamaAdapter, LlamaAdapterV2
 from lorafit.methods.lora import LoRA
+from lorafit.methods.qlora import QLoRA
 from lorafit.model import LLaMA
 
-METHODS: dict[str, Method] = {m.name: m for m in (LoRA(), LlamaAdapter(), LlamaAdapterV2(), Full())}
+METHODS: dict[str, Method] = {m.name: m for m in (LoRA(), QLoRA(), LlamaAdapter(), LlamaAdapterV2(), Full())}
 
 
 def get_method(name: str | Method) -> Method:

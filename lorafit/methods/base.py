@@ -67,7 +67,24 @@ class Method:
 
     def owns(self, run_dir: Path) -> bool:
         """Whether run_dir holds this method's output (a run, or an adapter made by another tool)."""
+        claimed = run_record(run_dir).get("method", self.name)  # a run file settles it (QLoRA's files are LoRA's)
+        return claimed == self.name and self.has_files(run_dir)
+
+    def has_files(self, run_dir: Path) -> bool:
+        """Whether run_dir holds the files this method writes."""
         raise NotImplementedError
+
+    def load_base(self, path: Path, dtype: torch.dtype, device: torch.device | str, config: Any) -> LLaMA:
+        """The base model the method trains on; by default as the checkpoint stores it, in `dtype`."""
+        return load_model(path, dtype=dtype, device=device)
+
+    def stored_weight_bytes(self, model: LLaMA, config: Any) -> int:
+        """Bytes of the model's weights as the method keeps them (for estimate; tied weights once)."""
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def workspace_bytes(self, model: LLaMA, config: Any) -> int:
+        """Short-lived memory the method adds to a training step beyond the traced activations (for estimate)."""
+        return 0
 
     def base_reference(self, run_dir: Path) -> str | None:
         """The base model the output in run_dir was trained on, as its files name it."""
@@ -91,7 +108,7 @@ class Method:
         if reference is None:
             raise ValueError(f"{run_dir}: the run does not name its base model; pass --checkpoint")
         base = resolve_checkpoint(reference)
-        model = load_model(base, dtype=dtype, device=device)
+        model = self.load_base(base, dtype, device, self.default_config())
         check_base(model, run_dir, base)
         self.load(model, run_dir)
         return model, base
@@ -115,11 +132,23 @@ class Method:
         save_hf_directory(model, base, out_dir, self.fold(model))
 
 
+def run_record(run_dir: Path) -> dict[str, Any]:
+    """lorafit_run.json of a run directory, {} where there is none (an adapter made by another tool)."""
+    import json
+
+    from lorafit.rundir import RUN_FILE
+
+    path = Path(run_dir) / RUN_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def base_fingerprint(model: LLaMA) -> str:
-    """A short hash of a few of the base model's weights: two bases with the same shapes still differ in it."""
+    """A short hash of a few of the base model's weights: two bases with the same shapes still differ in it.
+
+    The embedding and norms are read, never the block linears, which a quantised base holds as codes."""
     import hashlib
 
-    probes = [model.embed_tokens.weight[:8], model.norm.weight, model.layers[-1].mlp.down_proj.weight[:4]]
+    probes = [model.embed_tokens.weight[:8], model.norm.weight, model.layers[-1].post_attention_layernorm.weight]
     digest = hashlib.sha256()
     for tensor in probes:
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
@@ -128,14 +157,7 @@ def base_fingerprint(model: LLaMA) -> str:
 
 def check_base(model: LLaMA, run_dir: Path, base: Path) -> None:
     """Refuse to apply a run to a base other than the one it was trained on (same shapes are not enough)."""
-    import json
-
-    from lorafit.rundir import RUN_FILE
-
-    path = Path(run_dir) / RUN_FILE
-    if not path.is_file():
-        return  # an adapter made by another tool: only its shapes can be checked
-    expected = json.loads(path.read_text()).get("base_fingerprint")
+    expected = run_record(run_dir).get("base_fingerprint")  # none for an adapter made by another tool
     if expected and expected != base_fingerprint(model):
         raise ValueError(
             f"{run_dir}: trained on another base model than {base} (weights fingerprint {expected}, this base's "

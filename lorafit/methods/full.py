@@ -32,7 +32,7 @@ class Full(Method):
         if distributed.is_main():
             save_hf_directory(model, base, Path(run_dir) / MODEL_DIR, state, replace=True)
 
-    def owns(self, run_dir: Path) -> bool:
+    def has_files(self, run_dir: Path) -> bool:
         return (Path(run_dir) / MODEL_DIR / "config.json").is_file()
 
     def load_run(

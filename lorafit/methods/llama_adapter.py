@@ -83,7 +83,7 @@ class LlamaAdapter(Method):
         }
         write_json(run_dir / CONFIG_FILE, fields)
 
-    def owns(self, run_dir: Path) -> bool:
+    def has_files(self, run_dir: Path) -> bool:
         found = read_fields(run_dir)
         return found is not None and found[1]["method"] == self.name
 

@@ -20,6 +20,7 @@ from lorafit.lora import (
 )
 from lorafit.methods.base import Method
 from lorafit.model import LLaMA
+from lorafit.quant import quantized_linears
 
 
 class LoRA(Method):
@@ -29,7 +30,7 @@ class LoRA(Method):
     flag_prefix: ClassVar[str] = "lora"
 
     def describe(self, config: LoRAConfig) -> str:
-        return f"r={config.r}, alpha={config.alpha:g} on {','.join(config.targets)}"
+        return f"{'DoRA ' if config.dora else ''}r={config.r}, alpha={config.alpha:g} on {','.join(config.targets)}"
 
     def apply(self, model: LLaMA, config: LoRAConfig) -> int:
         return apply_lora(model, config)
@@ -41,7 +42,7 @@ class LoRA(Method):
         if distributed.is_main():  # DDP keeps whole, identical LoRA weights on every rank
             save_peft_adapter(model, config, run_dir, base_model_name_or_path=base_reference)
 
-    def owns(self, run_dir: Path) -> bool:
+    def has_files(self, run_dir: Path) -> bool:
         path = Path(run_dir) / ADAPTER_CONFIG
         if not path.is_file():
             return False
@@ -56,7 +57,9 @@ class LoRA(Method):
         return load_peft_adapter(model, run_dir)
 
     def prepare_for_inference(self, model: LLaMA) -> None:
-        # Folded into the base weights, the adapter costs nothing per token.
+        """Fold the update into the base weights (then it costs nothing per token), unless the base is quantised."""
+        if quantized_linears(model):
+            return  # merging would dequantise the base
         dtype = model.embed_tokens.weight.dtype
         merge_lora(model)
         model.to(dtype)
