@@ -130,7 +130,7 @@ def load_llm(args: argparse.Namespace):
     from lorafit.generate import LLM
 
     started = time.perf_counter()
-    llm = LLM.load(args.checkpoint, adapter=args.adapter, dtype=args.dtype, device=args.device, compile=args.compile)
+    llm = LLM.load(args.checkpoint, args.adapter, args.dtype, args.device, args.compile, args.quantize)
     print(f"loaded in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return llm
 
@@ -344,6 +344,10 @@ def add_model_arguments(leaf: Leaf) -> None:
     dtypes = ["float32", "bfloat16", "float16"]
     leaf.add("--dtype", default=None, choices=dtypes, help="weight dtype (unset: float32 on CPU, bfloat16 on CUDA)")
     leaf.add("--device", default=None, help="cpu or cuda (unset: cuda when available)")
+    from lorafit.quant import SCHEMES
+
+    quantize_help = "keep the block linears quantised: fewer bytes per token (nf4 needs lorafit[quant])"
+    leaf.add("--quantize", default=None, choices=SCHEMES, help=quantize_help)
     compile_help = "decode through a torch.compile'd step: faster on CPU after a one-time compile of about a minute"
     leaf.add("--compile", action="store_true", help=compile_help)
 

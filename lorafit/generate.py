@@ -301,27 +301,33 @@ class LLM:
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
         compile: bool = False,
+        quantize: str | None = None,
     ) -> LLM:
         """Load a checkpoint (path, known name, HF repo id) and optionally a finetuning run on it (a LoRA run or
         PEFT adapter, a LLaMA-Adapter run, a full finetune).
 
         Without a checkpoint: the adapter's base model, else the embedded default model. compile=True
-        decodes through compiled_decode_step (the first answer waits for the compilation).
+        decodes through compiled_decode_step (the first answer waits for the compilation). quantize
+        ("int8", "nf4", "nf4-dq") stores the block linears quantised: fewer bytes to read per token; a plain
+        checkpoint is quantised while loading, a run after its adapter is folded in.
         """
         from lorafit.checkpoint import load_model
         from lorafit.hub import resolve_checkpoint
         from lorafit.methods import load_run
+        from lorafit.quant import load_quantized, quantize_model
         from lorafit.tokenizer import Tokenizer
 
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         if adapter is None:
             path = resolve_checkpoint(checkpoint)
-            model = load_model(path, dtype=dtype, device=device)
+            model = load_quantized(path, quantize, dtype, device) if quantize else load_model(path, dtype, device)
         else:
             model, path, method = load_run(adapter, checkpoint, dtype, device)
             # LoRA folds into the weights; LLaMA-Adapter stays live, its prompt's keys/values computed once.
             method.prepare_for_inference(model)
+            if quantize:
+                quantize_model(model, quantize)  # the plain block linears; layers with an adapter of their own stay
         if not compile:
             use_decode_layout(model)  # the compiled step reads row-major weights best
         return cls(model, Tokenizer.from_checkpoint(path), compile)
