@@ -353,6 +353,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--out", default="out/demo")
     p.add_argument("--quick", action="store_true", help="a smaller, faster run")
     p.set_defaults(handler=cmd_demo)
+
+    from lorafit.evaluate import add_command as add_evaluate  # `lorafit evaluate` (its module owns the flags)
+
+    add_evaluate(commands)
     return parser, commands.choices
 
 
