@@ -194,7 +194,9 @@ def cmd_merge(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from lorafit.demo import DemoConfig, run_demo
 
-    run_demo(args.out, DemoConfig.quick() if args.quick else DemoConfig())
+    config = DemoConfig.quick() if args.quick else DemoConfig()
+    config.seed = args.seed
+    run_demo(args.out, config)
 
 
 def cmd_estimate(args: argparse.Namespace) -> None:
@@ -352,6 +354,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     )
     p.add_argument("--out", default="out/demo")
     p.add_argument("--quick", action="store_true", help="a smaller, faster run")
+    p.add_argument("--seed", type=int, default=0, help="seeds the generated notes and the training run")
     p.set_defaults(handler=cmd_demo)
 
     from lorafit.evaluate import add_command as add_evaluate  # `lorafit evaluate` (its module owns the flags)
