@@ -54,10 +54,14 @@ class LorafitLM(TemplateLM):
         if model is None:
             from lorafit.generate import LLM
 
+            if device and device.startswith("cuda") and not torch.cuda.is_available():
+                device = None  # lm-eval's command line asks for cuda by default; as its hf model, take what there is
+
             llm = LLM.load(checkpoint, adapter, dtype=dtype, device=device)
             model, tokenizer = llm.model, llm.tokenizer
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" is lm-eval's HF notion
+        # lm-eval passes its own --batch_size (None, a number, or "auto", which is for its hf model).
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_length = int(max_length) if max_length else model.config.block_size
         self.max_gen_toks = int(max_gen_toks)
         self._device = model.embed_tokens.weight.device

@@ -280,8 +280,11 @@ def test_lorafit_model_is_registered_by_name(tiny_checkpoint):
     import lorafit.lm_eval_model
 
     assert get_model("lorafit") is lorafit.lm_eval_model.LorafitLM
-    model = get_model("lorafit").create_from_arg_string(f"checkpoint={tiny_checkpoint},max_length=32")
-    assert model.max_length == 32 and model.prefix_token_id == 1
+    # What lm-eval's command line passes: its --device (cuda by default) and --batch_size.
+    extra = {"device": "cuda", "batch_size": None, "max_batch_size": None}
+    model = get_model("lorafit").create_from_arg_string(f"checkpoint={tiny_checkpoint},max_length=32", extra)
+    assert model.max_length == 32 and model.prefix_token_id == 1 and model.batch_size == 8
+    assert model.model.embed_tokens.weight.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_evaluate_tasks_from_the_command_line(tiny_checkpoint, task_dir, capsys, monkeypatch):
