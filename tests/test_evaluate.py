@@ -238,7 +238,7 @@ def lm_eval_samples(model, model_args, task_dir: Path) -> dict[str, list]:
         model=model,
         model_args=model_args,
         tasks=["tiny_mc", "tiny_ppl"],
-        task_manager=TaskManager(include_path=str(task_dir)),
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),  # scanning its own is slow
         log_samples=True,
         bootstrap_iters=0,
     )
