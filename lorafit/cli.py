@@ -11,6 +11,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import json
 import os
 import sys
 import textwrap
@@ -283,10 +284,36 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(app, args.host, args.port, args.log_level)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from lorafit.evaluate import evaluate, format_samples, format_table
+
+    results = evaluate(
+        args.checkpoint,
+        args.adapter,
+        args.data,
+        generate=args.generate,
+        max_records=args.max_records,
+        max_new_tokens=args.max_new_tokens,
+        prompt_style=args.prompt_style,
+        tasks=[t for t in (args.tasks or "").split(",") if t],
+        limit=args.limit,
+        include_path=args.include_path,
+        dtype=args.dtype,
+        device=args.device,
+    )
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print(f"{results['data'] or ''}\n\n{format_table(results)}\n")
+    print(format_samples(results))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from lorafit.demo import DemoConfig, run_demo
 
-    run_demo(args.out, DemoConfig.quick() if args.quick else DemoConfig())
+    config = DemoConfig.quick() if args.quick else DemoConfig()
+    config.seed = args.seed
+    run_demo(args.out, config)
 
 
 def cmd_estimate(args: argparse.Namespace) -> None:
@@ -328,6 +355,7 @@ EXAMPLES = {
     "estimate": "example:\n  lorafit estimate lora --checkpoint llama-2-7b --micro-batch-size 4 --precision bf16-true",
     "export": "example:\n  lorafit export out/run-1 --format gguf --outtype q8_0 --out run-1.gguf",
     "serve": "example:\n  lorafit serve --adapter support=out/run-1 --adapter sales=out/run-2 --port 8000",
+    "evaluate": "example:\n  lorafit evaluate --adapter out/run-1 --data test.jsonl --generate",
     "demo": "example:\n  lorafit demo --quick",
 }
 
@@ -486,9 +514,27 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[tuple[str, str | None]
     cmd.add("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weight dtype")
     cmd.add("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's")
 
+    cmd = leaf(
+        "evaluate", "loss, perplexity and generation metrics of a base and its adapters; lm-eval tasks", cmd_evaluate
+    )
+    cmd.add("--checkpoint", default=None, help="the base model (unset: the first adapter's base)")
+    cmd.add("--adapter", action="append", default=[], help="a finetuning run or adapter directory (repeatable)")
+    cmd.add("--data", default=None, help="a JSON/JSONL file of records or a prepared dataset directory")
+    cmd.add("--generate", action="store_true", help="also answer each record and score the answers")
+    cmd.add("--max-records", type=positive_int, default=None, help="evaluate on the first N records only")
+    cmd.add("--max-new-tokens", type=positive_int, default=128, help="tokens per generated answer at most")
+    cmd.add("--prompt-style", default=None, choices=["alpaca", "chat"], help="for a data file")
+    cmd.add("--tasks", default=None, help="lm-evaluation-harness tasks, comma-separated (e.g. hellaswag,arc_easy)")
+    cmd.add("--limit", type=positive_int, default=None, help="lm-eval: at most this many examples per task")
+    cmd.add("--include-path", default=None, help="lm-eval: a directory of extra task YAML files")
+    cmd.add("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weight dtype")
+    cmd.add("--device", default=None, help="cpu or cuda (unset: cuda when available)")
+    cmd.add("--json", action="store_true", help="print the results as JSON")
+
     cmd = leaf("demo", "the whole story on the default model: measure, LoRA-finetune, measure", cmd_demo)
     cmd.add("--out", default="out/demo", help="where the demo's run and results go")
     cmd.add("--quick", action="store_true", help="a smaller, faster run")
+    cmd.add("--seed", type=int, default=0, help="seeds the generated notes and the training run")
     return parser, leaves
 
 

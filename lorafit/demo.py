@@ -6,18 +6,17 @@ load the saved adapter, measure again, and print a before/after table with sampl
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lorafit.checkpoint import load_model
-from lorafit.data import format_prompt
 from lorafit.data.demo_task import make_contact_notes, score, split
+from lorafit.evaluate import adapter_applied, format_samples, format_table, load_eval_data, measure
 from lorafit.finetune import DataOptions, finetune
-from lorafit.generate import generate_batch
 from lorafit.hub import DEFAULT_MODEL, download
-from lorafit.lora import LoRAConfig, load_peft_adapter, merge_lora
+from lorafit.io import write_json
+from lorafit.lora import LoRAConfig
 from lorafit.model import LLaMA
 from lorafit.runtime import use_decode_layout
 from lorafit.tokenizer import Tokenizer
@@ -46,18 +45,6 @@ class DemoConfig:
         return cls(n_train=64, n_val=8, n_test=12)
 
 
-def answer_all(
-    model: LLaMA, tokenizer: Tokenizer, records: list[dict], style: str, max_new_tokens: int, batch_size: int = 20
-) -> list[str]:
-    """Greedy answers to each record's prompt, formatted exactly as in training, several prompts per batch."""
-    prompts = [tokenizer.encode(format_prompt(r["instruction"], r["input"], style, tokenizer)) for r in records]
-    answers = []
-    for i in range(0, len(prompts), batch_size):
-        for ids in generate_batch(model, prompts[i : i + batch_size], max_new_tokens, stop_ids=tokenizer.stop_ids):
-            answers.append(tokenizer.decode([t for t in ids if t not in tokenizer.stop_ids], skip_special_tokens=True))
-    return answers
-
-
 def run_demo(out_dir: str | Path = "out/demo", config: DemoConfig | None = None) -> dict:
     """Run the demo end to end; returns (and writes to out_dir/results.json) the measured scores."""
     cfg = config or DemoConfig()
@@ -70,21 +57,19 @@ def run_demo(out_dir: str | Path = "out/demo", config: DemoConfig | None = None)
 
     records = make_contact_notes(cfg.n_train + cfg.n_val + cfg.n_test, seed=cfg.seed)
     train_records, test_records = split(records, cfg.n_test)
-    (out_dir / "notes_train.json").write_text(json.dumps(train_records, indent=1))
-    (out_dir / "notes_test.json").write_text(json.dumps(test_records, indent=1))
+    write_json(out_dir / "notes_train.json", train_records)
+    write_json(out_dir / "notes_test.json", test_records)
     example = test_records[0]
     print(
         f"task: {len(train_records)} generated contact notes for training (of which {cfg.n_val} validation), "
         f"{len(test_records)} held out; e.g.\n  note:   {example['input']}\n  target: {example['output']}"
     )
-    references = [r["output"] for r in test_records]
 
     print(f"\n[1/3] the base model on {len(test_records)} held-out notes")
-    base_model = load_model(checkpoint)
-    use_decode_layout(base_model)
-    base_answers = answer_all(base_model, tokenizer, test_records, style, cfg.max_new_tokens)
-    before = score(base_answers, references)
-    del base_model
+    test_data = load_eval_data(out_dir / "notes_test.json", tokenizer, style)
+    base_model = load_base(checkpoint)
+    before = measure(base_model, tokenizer, test_data, True, cfg.max_new_tokens, score)
+    del base_model  # training loads its own copy
 
     print("\n[2/3] LoRA finetuning")
     run_dir = out_dir / "run"
@@ -113,55 +98,40 @@ def run_demo(out_dir: str | Path = "out/demo", config: DemoConfig | None = None)
     )
 
     print(f"\n[3/3] the finetuned model (adapter loaded from {run_dir}) on the same held-out notes")
-    tuned_model = load_model(checkpoint)
-    load_peft_adapter(tuned_model, run_dir)
-    merge_lora(tuned_model)
-    use_decode_layout(tuned_model)
-    tuned_answers = answer_all(tuned_model, tokenizer, test_records, style, cfg.max_new_tokens)
-    after = score(tuned_answers, references)
+    base_model = load_base(checkpoint)
+    with adapter_applied(base_model, run_dir, lambda: load_base(checkpoint)) as tuned_model:
+        after = measure(tuned_model, tokenizer, test_data, True, cfg.max_new_tokens, score)
 
     results = {
         "config": asdict(cfg),
-        "n_test": len(test_records),
-        "before": before,
-        "after": after,
+        "records": len(test_records),
+        "models": [{"name": "base model", **before}, {"name": "+ LoRA", **after}],
         "train_seconds": result.seconds,
         "train_tokens_per_s": result.tokens_per_s,
         "peak_memory_bytes": result.peak_memory_bytes,
         "total_seconds": time.perf_counter() - started,
-        "samples": [
-            {"note": r["input"], "expected": r["output"], "base": b, "lora": t}
-            for r, b, t in list(zip(test_records, base_answers, tuned_answers, strict=True))[:3]
-        ],
     }
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    write_json(out_dir / "results.json", results)
     print(report(results, run_dir))
     return results
 
 
+def load_base(checkpoint: Path) -> LLaMA:
+    """The default model, laid out for decoding."""
+    model = load_model(checkpoint)
+    use_decode_layout(model)
+    return model
+
+
 def report(results: dict, run_dir: Path) -> str:
-    """The before/after table and sample outputs, as Markdown."""
-    n = results["n_test"]
-    before, after = results["before"], results["after"]
-    lines = [
-        "",
-        f"| held-out notes (n={n}) | base model | + LoRA |",
-        "|---|---|---|",
-        f"| exact match | {round(before['exact_match'] * n)}/{n} | {round(after['exact_match'] * n)}/{n} |",
-        f"| valid JSON | {round(before['valid_json'] * n)}/{n} | {round(after['valid_json'] * n)}/{n} |",
-        f"| fields right | {before['field_accuracy']:.0%} | {after['field_accuracy']:.0%} |",
-        "",
-    ]
-    for i, sample in enumerate(results["samples"], 1):
-        lines += [
-            f"sample {i}: {sample['note']}",
-            f"  expected: {sample['expected']}",
-            f"  base:     {sample['base'].strip()[:300]}",
-            f"  + LoRA:   {sample['lora'].strip()}",
+    """`lorafit evaluate`'s before/after table and sample outputs, and where the run went."""
+    return "\n".join(
+        [
             "",
+            format_table(results),
+            "",
+            format_samples(results),
+            f"training: {results['train_seconds']:.0f} s at {results['train_tokens_per_s']:.0f} tokens/s; "
+            f"whole demo {results['total_seconds']:.0f} s; adapter, loss.png and metrics in {run_dir}",
         ]
-    lines.append(
-        f"training: {results['train_seconds']:.0f} s at {results['train_tokens_per_s']:.0f} tokens/s; "
-        f"whole demo {results['total_seconds']:.0f} s; adapter, loss.png and metrics in {run_dir}"
     )
-    return "\n".join(lines)

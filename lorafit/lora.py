@@ -425,6 +425,18 @@ def merge_lora(model: nn.Module) -> None:
         _replace(model, name, linear)
 
 
+def unwrap_lora(model: nn.Module) -> None:
+    """Put back the layer every (unmerged) LoRALinear wraps: the model as it was before apply_lora."""
+    for name, module in list(lora_modules(model)):
+        if module.merged:
+            raise ValueError(f"{name}: the LoRA update is merged into the weight; unmerge it before unwrapping")
+        base = module.base_layer
+        if base is None:
+            base = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            base.weight, base.bias = module.weight, module.bias
+        _replace(model, name, base)
+
+
 # ---- PEFT format ------------------------------------------------------------------------------
 
 

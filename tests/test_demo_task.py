@@ -104,3 +104,22 @@ def test_score_on_hand_made_cases():
     assert result == {"exact_match": 2 / 5, "valid_json": 4 / 5, "field_accuracy": (5 + 5 + 4 + 4 + 0) / 25}
     with pytest.raises(ValueError, match="need as many predictions as references"):
         score(["{}"], [reference, reference])
+
+
+def test_demo_evaluates_on_exactly_the_training_prompts_and_targets(default_checkpoint, tmp_path):
+    """The demo's held-out notes, tokenised by evaluate as for training: the prompt generation starts from is
+    format_prompt's (chat template, generation prompt), and the reference is the record's output."""
+    from lorafit.data import format_prompt
+    from lorafit.evaluate import load_eval_data, prompt_and_reference
+    from lorafit.io import write_json
+    from lorafit.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_checkpoint(default_checkpoint)
+    notes = make_contact_notes(6, seed=3)
+    write_json(tmp_path / "notes.json", notes)
+    data = load_eval_data(tmp_path / "notes.json", tokenizer, "chat")
+    for i, note in enumerate(notes):
+        prompt, reference = prompt_and_reference(*data.dataset[i])
+        assert prompt == tokenizer.encode(format_prompt(note["instruction"], note["input"], "chat", tokenizer))
+        assert reference[-1] in tokenizer.stop_ids  # the end-of-turn token is supervised: the model learns to stop
+        assert tokenizer.decode(reference, skip_special_tokens=True) == note["output"]

@@ -29,6 +29,8 @@ class Method:
     config_class: ClassVar[type | None] = None
     """The hyperparameters' dataclass; its fields are the flags --{flag_prefix}-{field}."""
     flag_prefix: ClassVar[str] = ""
+    removable: ClassVar[bool] = False
+    """Whether `remove` can take a loaded run off its base again (evaluating several runs on one loaded base)."""
     strategy: ClassVar[str] = "ddp"
     """How several processes train it: "ddp" (replicated weights, all-reduced gradients) or "fsdp" (sharded)."""
 
@@ -112,6 +114,11 @@ class Method:
         check_base(model, run_dir, base)
         self.load(model, run_dir)
         return model, base
+
+    def remove(self, model: LLaMA) -> None:
+        """Take the method's layers off a model it was loaded onto, leaving the base exactly as it was (only where
+        `removable`; elsewhere load the run onto a fresh base instead)."""
+        raise ValueError(f"a {self.name} run cannot be taken off the model it was loaded onto")
 
     def prepare_for_inference(self, model: LLaMA) -> None:
         """Make a loaded run fast to decode (e.g. fold LoRA into the weights); by default nothing."""

@@ -35,6 +35,14 @@ class Full(Method):
     def has_files(self, run_dir: Path) -> bool:
         return (Path(run_dir) / MODEL_DIR / "config.json").is_file()
 
+    def load(self, model: LLaMA, run_dir: Path) -> None:
+        """Put the finetuned weights of run_dir/model into a loaded model of the same shapes."""
+        from lorafit.checkpoint import load_state_dict
+
+        state = load_state_dict(Path(run_dir) / MODEL_DIR)
+        model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()}, strict=False)
+        model.tie_weights()
+
     def load_run(
         self,
         run_dir: Path,

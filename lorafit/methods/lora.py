@@ -17,6 +17,7 @@ from lorafit.lora import (
     load_peft_adapter,
     merge_lora,
     save_peft_adapter,
+    unwrap_lora,
 )
 from lorafit.methods.base import Method
 from lorafit.model import LLaMA
@@ -28,6 +29,7 @@ class LoRA(Method):
     summary: ClassVar[str] = "LoRA: train low-rank updates B A beside frozen linear layers (PEFT-format adapter)"
     config_class: ClassVar[type] = LoRAConfig
     flag_prefix: ClassVar[str] = "lora"
+    removable: ClassVar[bool] = True
 
     def describe(self, config: LoRAConfig) -> str:
         return f"{'DoRA ' if config.dora else ''}r={config.r}, alpha={config.alpha:g} on {','.join(config.targets)}"
@@ -55,6 +57,10 @@ class LoRA(Method):
 
     def load(self, model: LLaMA, run_dir: Path) -> LoRAConfig:
         return load_peft_adapter(model, run_dir)
+
+    def remove(self, model: LLaMA) -> None:
+        """Unwrap every LoRALinear, unmerged, back into the plain layer it wraps: the base weights never changed."""
+        unwrap_lora(model)
 
     def prepare_for_inference(self, model: LLaMA) -> None:
         """Fold the update into the base weights (then it costs nothing per token), unless the base is quantised."""

@@ -18,7 +18,14 @@ from lorafit.lora import LoRAConfig, merge_lora
 from lorafit.methods.base import check_base, run_record
 from lorafit.methods.lora import LoRA
 from lorafit.model import LLaMA
-from lorafit.quant import dequantize_model, is_block_linear, load_quantized, stored_bytes
+from lorafit.quant import (
+    dequantize_model,
+    is_block_linear,
+    load_quantized,
+    quantize_model,
+    quantized_linears,
+    stored_bytes,
+)
 
 
 @dataclass
@@ -34,6 +41,7 @@ class QLoRA(LoRA):
     name: ClassVar[str] = "qlora"
     summary: ClassVar[str] = "QLoRA: LoRA (or DoRA) over a frozen base quantised to 4-bit NF4 while loading"
     config_class: ClassVar[type] = QLoRAConfig
+    removable: ClassVar[bool] = False  # its load quantises the base
 
     def describe(self, config: QLoRAConfig) -> str:
         return f"{super().describe(config)}, base in {config.quantize}"
@@ -57,6 +65,12 @@ class QLoRA(LoRA):
         check_base(model, run_dir, base)
         self.load(model, run_dir)
         return model, base
+
+    def load(self, model: LLaMA, run_dir: Path) -> LoRAConfig:
+        """The adapter over the base quantised as in training (quantised here if it was loaded in full precision)."""
+        if not quantized_linears(model):
+            quantize_model(model, self.config_from_dict(run_record(run_dir)[self.name]).quantize)
+        return super().load(model, run_dir)
 
     def prepare_for_inference(self, model: LLaMA) -> None:
         """Nothing: merging would dequantise the base; the adapter stays beside it."""
