@@ -340,7 +340,8 @@ def test_default_model(default_checkpoint: Path, tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     model = load_model(default_checkpoint)
     ids = torch.tensor([Tokenizer.from_checkpoint(default_checkpoint).encode(TEXT)])
-    for outtype in ("f32", "f16", "bf16", "q8_0"):
+    # f16 and bf16 are checked on the tiny model; here the exact type and the quantised one.
+    for outtype in ("f32", "q8_0"):
         out, modelfile = export(default_checkpoint, tmp_path / f"{outtype}.gguf", outtype=outtype)
         assert _relative_error(_logits(model, ids), _logits(load_model(out), ids)) <= LOGIT_TOLERANCE[outtype]
         if outtype != "f32":
