@@ -241,13 +241,13 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    from lorafit.methods import merge_run
+    from lorafit.methods import merge_run, method_of_run
     from lorafit.runtime import DTYPES
 
     out = merge_run(args.run, args.out, args.checkpoint, DTYPES[args.dtype] if args.dtype else None)
     print(f"merged model written to {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
-    if (out / "adapter").is_dir():
-        print(f"prompts, gates and biases do not fit a Llama checkpoint: also pass --adapter {out / 'adapter'}")
+    for note in method_of_run(args.run).merge_notes(out):
+        print(note)
 
 
 def cmd_export(args: argparse.Namespace) -> None:

@@ -134,6 +134,10 @@ class Method:
         """Names of a loaded run's trained tensors that `fold` cannot put into Llama weights though they matter."""
         return []
 
+    def merge_notes(self, out_dir: Path) -> list[str]:
+        """What a user should know about a merge this method wrote (printed by `lorafit merge`)."""
+        return []
+
     def merge(self, model: LLaMA, run_dir: Path, out_dir: Path, base: Path) -> None:
         """Write the loaded run (model), folded, as a Hugging Face model directory out_dir."""
         save_hf_directory(model, base, out_dir, self.fold(model))

@@ -151,6 +151,9 @@ class LlamaAdapterV2(LlamaAdapter):
             live.append("lm_head.adapter_scale")  # a tied head cannot take its scale without changing the embedding
         return live
 
+    def merge_notes(self, out_dir: Path) -> list[str]:
+        return [f"prompts, gates and biases do not fit a Llama checkpoint: also pass --adapter {out_dir / 'adapter'}"]
+
     def merge(self, model: LLaMA, run_dir: Path, out_dir: Path, base: Path) -> None:
         """Fold the scales (and the trained norms) into the weights; prompts, gates and biases, which a Llama
         checkpoint has no place for, go to out_dir/adapter, an adapter over the merged model."""

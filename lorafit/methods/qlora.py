@@ -75,6 +75,9 @@ class QLoRA(LoRA):
     def prepare_for_inference(self, model: LLaMA) -> None:
         """Nothing: merging would dequantise the base; the adapter stays beside it."""
 
+    def merge_notes(self, out_dir: Path) -> list[str]:
+        return ["the update was folded into the dequantised 4-bit base, in the base's dtype"]
+
     def fold(self, model: LLaMA) -> dict[str, torch.Tensor]:
         """LoRA folded into the dequantised base, in the base's dtype: a plain Llama state dict."""
         merge_lora(model)
