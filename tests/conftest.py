@@ -83,13 +83,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_model(method: str = "full", seed: int = 0, tie: bool = False, lora_dropout: float = 0.1) -> LLaMA:
-    """A random 2-layer LLaMA with grouped-query attention, set up for `method` (lora or full)."""
-    torch.manual_seed(seed)
-    config = Config(
+def tiny_config(n_layer: int = 2, tie: bool = False) -> Config:
+    """A tiny LLaMA config with grouped-query attention (two query heads per key/value head)."""
+    return Config(
         name="tiny",
         vocab_size=VOCAB,
-        n_layer=2,
+        n_layer=n_layer,
         n_embd=32,
         n_head=4,
         n_kv_head=2,
@@ -97,7 +96,14 @@ def tiny_model(method: str = "full", seed: int = 0, tie: bool = False, lora_drop
         block_size=128,
         tie_embeddings=tie,
     )
-    model = LLaMA(config)
+
+
+def tiny_model(
+    method: str = "full", seed: int = 0, tie: bool = False, lora_dropout: float = 0.1, n_layer: int = 2
+) -> LLaMA:
+    """A random tiny LLaMA (tiny_config), set up for `method` (lora or full)."""
+    torch.manual_seed(seed)
+    model = LLaMA(tiny_config(n_layer, tie))
     if method == "lora":
         apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=lora_dropout, targets="all"))
     return model

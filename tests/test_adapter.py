@@ -15,29 +15,19 @@ from lorafit.methods import get_method, merge_run, method_of_run
 from lorafit.methods.llama_adapter import CONFIG_FILE, LEGACY_CONFIG_FILE, WEIGHTS_FILE
 from lorafit.model import LLaMA
 from lorafit.train import train
-from tests.conftest import PAD, VOCAB, read_metrics, repetitive_dataset, small_config
+from tests import conftest
+from tests.conftest import PAD, read_metrics, repetitive_dataset, small_config, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 METHODS = ("adapter", "adapter-v2")
-TINY = Config(
-    name="tiny",
-    vocab_size=VOCAB,
-    n_layer=3,
-    n_embd=32,
-    n_head=4,
-    n_kv_head=2,  # grouped-query attention: two query heads per key/value head
-    intermediate_size=64,
-    block_size=128,
-)
+TINY = tiny_config(n_layer=3)
 SMALL_ADAPTER = AdapterConfig(prompt_length=5, start_layer=1)
 IDS = torch.tensor([[1, 5, 17, 33, 9, 40, 8, 22], [1, 7, 7, 3, 60, 2, 11, 50]])
 
 
 def tiny_model(seed: int = 0, tie: bool = False) -> LLaMA:
-    torch.manual_seed(seed)
-    config = Config(**{**vars(TINY), "tie_embeddings": tie})
-    return LLaMA(config).eval()
+    return conftest.tiny_model(seed=seed, tie=tie, n_layer=3).eval()
 
 
 def apply_adapter(model: LLaMA, method: str, config: AdapterConfig) -> int:
