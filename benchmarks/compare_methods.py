@@ -67,7 +67,7 @@ def train_config(args: argparse.Namespace, method: str) -> TrainConfig:
         max_steps=args.steps,
         micro_batch_size=4,
         global_batch_size=args.global_batch,
-        learning_rate=args.learning_rates.get(method, 0.0),
+        learning_rate=args.learning_rates.get(method, 1.0),  # base trains nothing, but TrainConfig wants lr > 0
         weight_decay=0.0,
         warmup_steps=max(1, args.steps // 5),
         grad_clip=1.0,
