@@ -15,7 +15,10 @@ adapters' weights file, full's model.safetensors; base: its own model.safetensor
 median seconds per optimizer step, real (non-padding) tokens/s over the training steps, validation loss after the
 last step (lorafit's evaluate on the same fixed spread of `--eval-batches` length-sorted val micro-batches), decode
 tokens/s for `--new-tokens` greedy tokens (best of 3, after `lorafit.generate.LLM.load` of the run) and the greedy,
-chat-templated answer to QUESTION.
+chat-templated answer to QUESTION. Beside them, the shares of this machine's limits (machine.py's `probe`, run
+once before the methods): training model FLOP/s (machine.py's `training_flops` over the samples the run's
+batches held, per method: LoRA-adjusted, 6N for full, the frozen model for the adapters) against the float32
+matmul peak, and decoding's weight bytes per token x tokens/s against the read bandwidth.
 
     python benchmarks/compare_methods.py --json compare_methods.json   # defaults: 7.6 min on 2 quiet CPU cores
     python benchmarks/compare_methods.py --steps 1 --global-batch 4 --eval-batches 1 --new-tokens 8   # smoke test
@@ -34,10 +37,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+from machine import decode_weight_bytes, describe, probe, share, training_flops
 from safetensors import safe_open
 
 from lorafit.adapter import AdapterConfig
-from lorafit.data import load_prepared, prepare_source
+from lorafit.checkpoint import load_config
+from lorafit.data import IGNORE_INDEX, BatchPlan, TokenDataset, load_prepared, prepare_source
 from lorafit.finetune import finetune
 from lorafit.generate import LLM, GenerationStats, generate
 from lorafit.hub import resolve_checkpoint
@@ -62,7 +67,7 @@ def train_config(args: argparse.Namespace, method: str) -> TrainConfig:
         max_steps=args.steps,
         micro_batch_size=4,
         global_batch_size=args.global_batch,
-        learning_rate=args.learning_rates.get(method, 0.0),
+        learning_rate=args.learning_rates.get(method, 1.0),  # base trains nothing, but TrainConfig wants lr > 0
         weight_decay=0.0,
         warmup_steps=max(1, args.steps // 5),
         grad_clip=1.0,
@@ -100,7 +105,25 @@ def train_timing(run_dir: Path, real_tokens: float) -> dict:
     """Median seconds per step and tokens/s over the training steps alone, from the run's metrics.jsonl."""
     elapsed = [json.loads(line)["elapsed_s"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     step_seconds = [b - a for a, b in zip([0.0, *elapsed], elapsed, strict=False)]
-    return {"seconds_per_step": statistics.median(step_seconds), "tokens_per_s": real_tokens / elapsed[-1]}
+    return {
+        "seconds_per_step": statistics.median(step_seconds),
+        "tokens_per_s": real_tokens / elapsed[-1],
+        "train_seconds": elapsed[-1],
+    }
+
+
+def trained_samples(train_set: TokenDataset, cfg: TrainConfig, steps: int) -> list[tuple[int, int]]:
+    """(tokens, labelled positions) of each sample in the run's first `steps` steps, batched as train.train does."""
+    plan = BatchPlan(train_set.lengths, cfg.micro_batch_size, cfg.seed)
+    steps_per_epoch = -(-len(plan) // cfg.accumulation)
+    samples = []
+    for step in range(steps):
+        epoch, index = divmod(step, steps_per_epoch)
+        for batch in plan.batches(epoch)[index * cfg.accumulation : (index + 1) * cfg.accumulation]:
+            for i in batch:
+                _, labels = train_set[i]
+                samples.append((train_set.lengths[i], int((labels[1:] != IGNORE_INDEX).sum())))
+    return samples
 
 
 def generation(llm: LLM, new_tokens: int) -> dict:
@@ -134,14 +157,21 @@ def run_method(args: argparse.Namespace, method: str) -> dict:
         result = finetune(
             method, args.data_dir, run_dir, args.checkpoint, cfg, method_config, overwrite=True, progress=False
         )
+        real_tokens = round(result.tokens_per_s * result.seconds)
+        samples = trained_samples(load_prepared(args.data_dir)[0], cfg, result.steps)
+        counted = sum(length for length, _ in samples)
+        if counted != real_tokens:  # then these are not the batches it trained on
+            raise RuntimeError(f"{method}: FLOPs counted over {counted} tokens, but the run trained {real_tokens}")
         out = {
             "val_loss": result.final_val_loss,
             "peak_rss_bytes": peak_rss_bytes(),
             "trainable": tensor_elements(saved_file(method, run_dir, base)),
-            **train_timing(run_dir, result.tokens_per_s * result.seconds),
+            "model_flops": training_flops(load_config(base), method, samples, LORA),
+            **train_timing(run_dir, real_tokens),
         }
         llm = LLM.load(args.checkpoint, adapter=run_dir)
     out["file_bytes"] = saved_file(method, run_dir, base).stat().st_size
+    out["weight_bytes"] = decode_weight_bytes(load_config(base), next(llm.model.parameters()).element_size())
     return out | generation(llm, args.new_tokens)
 
 
@@ -149,19 +179,23 @@ def cell(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def markdown_table(results: dict[str, dict], learning_rates: dict[str, float]) -> str:
-    """One row per method (base: no training, so no learning rate or training speed)."""
+def markdown_table(results: dict[str, dict], learning_rates: dict[str, float], machine: dict) -> str:
+    """One row per method (base: no training, so no learning rate or training speed), with shares of the limits."""
+    peak, bandwidth = machine["float32_gflops"], machine["read_gb_per_s"]
     lines = [
         "| method | lr | trainable params | saved file (MiB) | peak RSS (MiB) | s/step | real tokens/s "
-        "| val loss | generate tokens/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| share of {peak:.1f} GFLOP/s matmul | val loss | generate tokens/s | share of {bandwidth:.1f} GB/s read |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for method, r in results.items():
+        gflops = r["model_flops"] / r["train_seconds"] / 1e9 if "model_flops" in r else None
         lines.append(
             f"| {method} | {cell(learning_rates.get(method), 'g')} | {r['trainable']:,} "
             f"| {r['file_bytes'] / 2**20:.3f} | {r['peak_rss_bytes'] / 2**20:.0f} "
             f"| {cell(r.get('seconds_per_step'), '.2f')} | {cell(r.get('tokens_per_s'), '.0f')} "
-            f"| {r['val_loss']:.4f} | {r['generate_tokens_per_s']:.1f} |"
+            f"| {share(gflops, peak)} "
+            f"| {r['val_loss']:.4f} | {r['generate_tokens_per_s']:.1f} "
+            f"| {share(r['weight_bytes'] * r['generate_tokens_per_s'] / 1e9, bandwidth)} |"
         )
     return "\n".join(lines)
 
@@ -193,6 +227,8 @@ def compare(args: argparse.Namespace, work_dir: Path) -> None:
         f"{args.global_batch} samples per method; val loss on {args.eval_batches} micro-batches of 4",
         flush=True,
     )
+    machine = probe()  # before any method runs, on the threads the workers will use
+    print(f"machine: {describe(machine)}", flush=True)
     results = {}
     for method in args.methods:
         out = work_dir / f"{method}.json"
@@ -214,10 +250,10 @@ def compare(args: argparse.Namespace, work_dir: Path) -> None:
         subprocess.run(command, check=True)
         results[method] = json.loads(out.read_text())
         print(f"{method}: val loss {results[method]['val_loss']:.4f}", flush=True)
-    print(f"\n{markdown_table(results, args.learning_rates)}\n\n{answers(results, width=160)}")
+    print(f"\n{markdown_table(results, args.learning_rates, machine)}\n\n{answers(results, width=160)}")
     if args.json:
         setup = {k: getattr(args, k) for k in ("steps", "global_batch", "eval_batches", "new_tokens", "learning_rates")}
-        args.json.write_text(json.dumps({"setup": setup, **results}, indent=2))
+        args.json.write_text(json.dumps({"setup": setup, "machine": machine, **results}, indent=2))
 
 
 def learning_rate(pair: str) -> tuple[str, float]:

@@ -7,6 +7,10 @@ greedily (no early stop), warm up once, and report the median of --runs runs. Ea
 runs in its own process, so peak memory (the process's peak resident set on the CPU) is its own.
 "lorafit --compile" decodes through lorafit.generate.compiled_decode_step; its warm-up (which
 compiles, or loads inductor's on-disk cache) is timed and reported apart.
+
+Beside the ratio to transformers: the bytes of weights each token reads (machine.py's
+`decode_weight_bytes`) times decode tokens/s, and that as a share of this machine's read bandwidth,
+measured by machine.py's `probe` on --threads threads before the runs.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from machine import decode_weight_bytes, describe, probe
 
 ENGINES = ("transformers", "lorafit", "lorafit --compile")
 PROMPT = "Explain in a few paragraphs why the sky is blue and why sunsets are red."
@@ -34,6 +39,8 @@ def main() -> None:
     from lorafit.hub import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(args.checkpoint)
+    machine = probe(args.threads)
+    print(f"machine: {describe(machine)}", file=sys.stderr, flush=True)
     results = []
     for dtype in args.dtype:
         for engine in ENGINES:
@@ -56,9 +63,9 @@ def main() -> None:
             print(f"running {engine} {dtype} ...", file=sys.stderr, flush=True)
             out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
             results.append(json.loads(out.strip().splitlines()[-1]))
-    print(table(results, checkpoint, args))
+    print(table(results, checkpoint, args, machine))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps({"machine": machine, "results": results}, indent=2))
 
 
 def parse_args() -> argparse.Namespace:
@@ -156,21 +163,29 @@ def hf_runner(checkpoint: str, dtype: torch.dtype):
     return run
 
 
-def table(results: list[dict], checkpoint: Path, args: argparse.Namespace) -> str:
-    """The results as a Markdown table, with the lorafit/transformers decode ratio per dtype."""
+def table(results: list[dict], checkpoint: Path, args: argparse.Namespace, machine: dict) -> str:
+    """The results as a Markdown table: the lorafit/transformers decode ratio and the share of read bandwidth."""
+    from lorafit.checkpoint import load_config
+
+    config = load_config(checkpoint)
     base = {r["dtype"]: r["decode_tokens_per_s"] for r in results if r["engine"] == "transformers"}
+    bandwidth = machine["read_gb_per_s"]
     lines = [
         f"Decoding {args.new_tokens} tokens greedily from {checkpoint.name}, {args.threads} threads, "
-        f"median of {args.runs} runs ({date.today()}).",
+        f"median of {args.runs} runs ({date.today()}). Machine: {describe(machine)}.",
         "",
-        "| engine | dtype | warm-up | time to first token | decode tokens/s | peak memory | vs transformers |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| engine | dtype | warm-up | time to first token | decode tokens/s | peak memory | vs transformers "
+        f"| weight GB/s | share of {bandwidth:.1f} GB/s read |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         ratio = r["decode_tokens_per_s"] / base[r["dtype"]] if r["dtype"] in base else float("nan")
+        weight_bytes = decode_weight_bytes(config, getattr(torch, r["dtype"]).itemsize)
+        streamed = weight_bytes * r["decode_tokens_per_s"] / 1e9
         lines.append(
             f"| {r['engine']} | {r['dtype']} | {r['warmup_s']:.1f} s | {r['time_to_first_token_s'] * 1000:.0f} ms | "
-            f"{r['decode_tokens_per_s']:.1f} | {r['peak_memory_bytes'] / 2**30:.2f} GiB | {ratio:.2f}x |"
+            f"{r['decode_tokens_per_s']:.1f} | {r['peak_memory_bytes'] / 2**30:.2f} GiB | {ratio:.2f}x "
+            f"| {streamed:.1f} | {streamed / bandwidth:.0%} |"
         )
     return "\n".join(lines)
 

@@ -19,6 +19,9 @@ Runs alternate (lorafit, PEFT, lorafit, PEFT, ...), each in its own subprocess; 
 over --repeats of: wall time of the epoch, real (non-padding) tokens/s, padding share of the tokens fed, peak
 RSS (ru_maxrss of that process, model loading included) and the final loss (mean train loss of the last 8
 steps; the two see their batches in different orders, so expect close, not equal, values); and lorafit / PEFT.
+Beside the peer ratio, each side's model FLOP/s (machine.py's `training_flops` of the epoch's real tokens over
+its wall time) as a share of this machine's float32 matmul peak, measured by machine.py's `probe` at the start
+(every mode prints that share).
 
 --changes runs PEFT once, then lorafit once per row of CHANGES, each row adding one of lorafit's speed or memory
 changes to the row above (the earlier rows are rebuilt by swapping lorafit functions for their plain PyTorch form in
@@ -56,9 +59,11 @@ import time
 from pathlib import Path
 
 import torch
+from machine import describe, probe, share, training_flops
 from peft_side import hf_batch, peak_rss_bytes, peft_model
 
 from lorafit.data import IGNORE_INDEX, BatchPlan, TokenDataset, default_style, encode_record, load_records
+from lorafit.estimate import config_for
 from lorafit.hub import resolve_checkpoint
 from lorafit.lora import LoRAConfig
 from lorafit.tokenizer import Tokenizer
@@ -122,6 +127,12 @@ def padding_share(dataset: TokenDataset, batches: list[list[int]]) -> tuple[int,
 
 def file_order_batches(n: int, micro_batch: int) -> list[list[int]]:
     return [list(range(start, min(start + micro_batch, n))) for start in range(0, n, micro_batch)]
+
+
+def epoch_flops(dataset: TokenDataset, checkpoint: str | None) -> int:
+    """Model FLOPs of one LoRA epoch over the dataset's real tokens and labelled positions (padding not counted)."""
+    samples = [(len(ids), int((labels[1:] != IGNORE_INDEX).sum())) for ids, labels in dataset]
+    return training_flops(config_for(str(resolve_checkpoint(checkpoint))), "lora", samples, LORA)
 
 
 def metrics_records(run_dir: Path) -> list[dict]:
@@ -298,19 +309,22 @@ def run_worker(args: argparse.Namespace, out: Path, options: list[str]) -> dict 
 COMPARED = (
     ("epoch wall time (s)", "seconds", "{:.1f}"),
     ("real tokens/s", "tokens_per_s", "{:.0f}"),
+    ("model GFLOP/s", "model_gflops", "{:.1f}"),
     ("padding share of fed tokens", "padding_share", "{:.1%}"),
     ("peak RSS (MiB)", "peak_rss_mib", "{:.0f}"),
     (f"final loss (mean of last {LAST_STEPS} steps)", "final_loss", "{:.4f}"),
 )
 
 
-def compare_table(medians: dict[str, dict]) -> str:
-    """lorafit and PEFT side by side, with lorafit / PEFT."""
+def compare_table(medians: dict[str, dict], peak_gflops: float) -> str:
+    """lorafit and PEFT side by side, with lorafit / PEFT and model FLOP/s as a share of the float32 matmul peak."""
     lines = ["| median | lorafit | PEFT | lorafit / PEFT |", "|---|---:|---:|---:|"]
     for label, key, fmt in COMPARED:
         ours, theirs = medians["lorafit"][key], medians["peft"][key]
         ratio = f"{ours / theirs:.3f}" if theirs else "n/a"
         lines.append(f"| {label} | {fmt.format(ours)} | {fmt.format(theirs)} | {ratio} |")
+    ours, theirs = (share(medians[name]["model_gflops"], peak_gflops) for name in FRAMEWORKS)
+    lines.append(f"| share of float32 matmul peak ({peak_gflops:.1f} GFLOP/s) | {ours} | {theirs} | |")
     return "\n".join(lines)
 
 
@@ -318,6 +332,7 @@ def compare(args: argparse.Namespace) -> dict:
     """Alternate lorafit and PEFT runs on the same tokenised records; print and return the medians."""
     tokenizer = Tokenizer.from_checkpoint(resolve_checkpoint(args.checkpoint))
     dataset = alpaca_dataset(args.data, args.records, tokenizer)
+    flops = epoch_flops(dataset, args.checkpoint)
     steps = len(file_order_batches(len(dataset), MICRO_BATCH))
     print(
         f"data: {len(dataset)} records, {dataset.num_tokens()} tokens (max length {MAX_LENGTH}); one epoch = "
@@ -334,6 +349,7 @@ def compare(args: argparse.Namespace) -> dict:
                 result = run_worker(args, Path(tmp) / f"{name}-{repeat}.json", options)
                 if result is None:
                     sys.exit(f"{name} run {repeat + 1} failed")
+                result["model_gflops"] = flops / result["seconds"] / 1e9
                 runs[name].append(result)
                 print(
                     f"{name} run {repeat + 1}: {result['seconds']:.1f} s, {result['tokens_per_s']:.0f} tokens/s, "
@@ -344,23 +360,34 @@ def compare(args: argparse.Namespace) -> dict:
         name: {key: statistics.median(r[key] for r in results) for _, key, _ in COMPARED}
         for name, results in runs.items()
     }
-    print(compare_table(medians))
+    print(compare_table(medians, args.machine["float32_gflops"]))
     litgpt = "litgpt: installed but not benchmarked" if importlib.util.find_spec("litgpt") else LITGPT_MISSING
     print(f"\n{litgpt}")
-    setup = {"records": len(dataset), "steps": steps, "micro_batch": MICRO_BATCH, "repeats": args.repeats}
+    setup = {
+        "records": len(dataset),
+        "steps": steps,
+        "micro_batch": MICRO_BATCH,
+        "repeats": args.repeats,
+        "model_flops_per_epoch": flops,
+    }
     return {"setup": setup, "median": medians, "runs": runs, "litgpt": litgpt}
 
 
-def changes_table(rows: list[tuple[str, dict]], peft: dict) -> str:
-    """One row per change: lorafit's tokens/s and peak RSS, and both as ratios to PEFT's."""
+def changes_table(rows: list[tuple[str, dict]], peft: dict, peak_gflops: float) -> str:
+    """One row per change: lorafit's tokens/s and peak RSS, both as ratios to PEFT's, and its share of matmul peak."""
     lines = [
-        "| change | real tokens/s | peak RSS (MiB) | tokens/s / PEFT | peak RSS / PEFT |",
-        "|---|---:|---:|---:|---:|",
-        f"| HF PEFT + transformers (peer) | {peft['tokens_per_s']:.0f} | {peft['peak_rss_mib']:.0f} | 1 | 1 |",
+        "| change | real tokens/s | peak RSS (MiB) | tokens/s / PEFT | peak RSS / PEFT "
+        f"| share of float32 matmul peak ({peak_gflops:.1f} GFLOP/s) |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| HF PEFT + transformers (peer) | {peft['tokens_per_s']:.0f} | {peft['peak_rss_mib']:.0f} | 1 | 1 "
+        f"| {share(peft['model_gflops'], peak_gflops)} |",
     ]
     for label, r in rows:
         speed, memory = r["tokens_per_s"] / peft["tokens_per_s"], r["peak_rss_mib"] / peft["peak_rss_mib"]
-        lines.append(f"| {label} | {r['tokens_per_s']:.0f} | {r['peak_rss_mib']:.0f} | {speed:.2f} | {memory:.2f} |")
+        lines.append(
+            f"| {label} | {r['tokens_per_s']:.0f} | {r['peak_rss_mib']:.0f} | {speed:.2f} | {memory:.2f} "
+            f"| {share(r['model_gflops'], peak_gflops)} |"
+        )
     return "\n".join(lines)
 
 
@@ -368,6 +395,7 @@ def changes(args: argparse.Namespace) -> dict:
     """PEFT once, then lorafit once per row of CHANGES (each adds one change to the row above)."""
     tokenizer = Tokenizer.from_checkpoint(resolve_checkpoint(args.checkpoint))
     dataset = alpaca_dataset(args.data, args.records, tokenizer)
+    flops = epoch_flops(dataset, args.checkpoint)
     rows, results = [], {}
     with tempfile.TemporaryDirectory(prefix="train_cpu-changes-") as tmp:
         data_file = Path(tmp) / "train.safetensors"
@@ -379,26 +407,31 @@ def changes(args: argparse.Namespace) -> dict:
             result = run_worker(args, Path(tmp) / f"{key}.json", worker + common)
             if result is None:
                 sys.exit(f"{label}: run failed")
+            result["model_gflops"] = flops / result["seconds"] / 1e9
             tokens_per_s, rss = result["tokens_per_s"], result["peak_rss_mib"]
             print(f"{label}: {tokens_per_s:.0f} tokens/s, peak RSS {rss:.0f} MiB", flush=True)
             results[key] = result
             if key != "peft":
                 rows.append((label, result))
-    print(changes_table(rows, results["peft"]))
-    return {"setup": {"records": len(dataset), "micro_batch": MICRO_BATCH}, "runs": results}
+    print(changes_table(rows, results["peft"], args.machine["float32_gflops"]))
+    setup = {"records": len(dataset), "micro_batch": MICRO_BATCH, "model_flops_per_epoch": flops}
+    return {"setup": setup, "runs": results}
 
 
-def scaling_table(cells: list[dict], lengths: list[int], batches: list[int]) -> str:
-    """tokens/s and peak RSS per (max length, micro-batch) cell."""
+def scaling_table(cells: list[dict], lengths: list[int], batches: list[int], peak_gflops: float) -> str:
+    """tokens/s, share of the float32 matmul peak and peak RSS per (max length, micro-batch) cell."""
     found = {(c["max_length"], c["micro_batch"]): c for c in cells}
-    lines = ["| max length | " + " | ".join(f"batch {b}: tokens/s, peak RSS" for b in batches) + " |"]
-    lines.append("|---:|" + "---:|" * len(batches))
+    header = " | ".join(f"batch {b}: tokens/s, share of {peak_gflops:.1f} GFLOP/s, peak RSS" for b in batches)
+    lines = [f"| max length | {header} |", "|---:|" + "---:|" * len(batches)]
     for length in lengths:
         row = []
         for batch in batches:
             cell = found[length, batch]
             ok = cell["tokens_per_s"] is not None
-            row.append(f"{cell['tokens_per_s']:.0f} tok/s, {cell['peak_rss_mib']:.0f} MiB" if ok else "failed")
+            peak_share = share(cell["model_gflops"], peak_gflops) if ok else ""
+            row.append(
+                f"{cell['tokens_per_s']:.0f} tok/s, {peak_share}, {cell['peak_rss_mib']:.0f} MiB" if ok else "failed"
+            )
         lines.append(f"| {length} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -406,6 +439,7 @@ def scaling_table(cells: list[dict], lengths: list[int], batches: list[int]) -> 
 def scaling(args: argparse.Namespace) -> dict:
     """lorafit alone over max length x micro-batch, one subprocess per cell."""
     cells = []
+    config = config_for(str(resolve_checkpoint(args.checkpoint)))
     with tempfile.TemporaryDirectory(prefix="train_cpu-scaling-") as tmp:
         for length in args.lengths:
             for batch in args.batches:
@@ -413,10 +447,13 @@ def scaling(args: argparse.Namespace) -> dict:
                 result = run_worker(args, Path(tmp) / f"{length}x{batch}.json", options + ["--steps", str(args.steps)])
                 cell = {"max_length": length, "micro_batch": batch, "steps": args.steps}
                 cell |= result or {"tokens_per_s": None, "peak_rss_mib": None}
+                if result:  # synthetic_dataset labels the second half: length - length // 2 labelled positions
+                    per_sample = training_flops(config, "lora", [(length, length - length // 2)], LORA)
+                    cell["model_gflops"] = per_sample * result["tokens_per_s"] / length / 1e9
                 cells.append(cell)
                 shown = f"{cell['tokens_per_s']:.0f} tokens/s" if result else "failed"
                 print(f"max length {length}, micro-batch {batch}: {shown}", flush=True)
-    print(scaling_table(cells, args.lengths, args.batches))
+    print(scaling_table(cells, args.lengths, args.batches, args.machine["float32_gflops"]))
     return {"setup": {"steps": args.steps, "warmup_steps": 1}, "cells": cells}
 
 
@@ -449,8 +486,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    args.machine = probe()  # before any run, on the threads the workers will use
+    print(f"machine: {describe(args.machine)}", flush=True)
     report = scaling(args) if args.scaling else changes(args) if args.changes else compare(args)
     report["torch_threads"] = torch.get_num_threads()
+    report["machine"] = args.machine
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

@@ -26,7 +26,7 @@ from lorafit.methods import Method, get_method
 from lorafit.methods.base import base_fingerprint
 from lorafit.model import LLaMA
 from lorafit.rundir import RunDirectoryError, RunLock, check_resume, read_run_file, start_fresh, write_run_file
-from lorafit.runtime import resolve_precision, weights_dtype
+from lorafit.runtime import auto_precision_note, resolve_precision, weights_dtype
 from lorafit.tokenizer import Tokenizer
 from lorafit.train import (
     TrainConfig,
@@ -142,7 +142,10 @@ def finetune_here(
 ) -> TrainResult:
     """finetune() in this process, which may be one of several in a process group."""
     method_config = method.default_config() if method_config is None else method_config
-    cfg.precision = resolve_precision(cfg.precision, device)  # needed here to pick the weights' dtype
+    with distributed.main_first():  # rank 0 times 'auto''s CPU matmul probe and caches it; the others read it
+        if cfg.precision == "auto" and (note := auto_precision_note(device)):
+            distributed.print_main(note)
+        cfg.precision = resolve_precision(cfg.precision, device)  # needed here to pick the weights' dtype
     base = resolve_checkpoint(checkpoint).absolute()
     tokenizer = Tokenizer.from_checkpoint(base)
     saved, run_id = None, None
