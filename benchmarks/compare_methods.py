@@ -1,4 +1,4 @@
-"""Base model, LoRA, LLaMA-Adapter v1 and v2 and full finetuning side by side: the seed article's comparison, measured.
+"""Base model, LoRA, DoRA, QLoRA, LLaMA-Adapter v1/v2 and full finetuning side by side: the seed article's comparison.
 
 SmolLM2-135M-Instruct (lorafit's default checkpoint, float32, CPU) on the Alpaca 3k sample, prepared once for every
 method (lorafit's split: val_size=300, seed 42; chat prompts, prompt masked, max length 256). Every method trains
@@ -7,7 +7,8 @@ global batch, micro-batch 4, warm-up then cosine decay, gradient clipping at 1, 
 of steps; only the learning rate is each method's usual one (lit-llama's finetune/ scripts: LoRA 3e-4, Adapter and
 Adapter v2 9e-3, full 3e-5; those scripts also use weight decay 0.02 for the adapters, 0 for LoRA and full, and
 warm the adapters up over 2 epochs, where here every method warms up for steps // 5; `--lr METHOD=LR` overrides).
-LoRA: q,v with r=8, alpha 16, dropout 0.05. Adapter: 10 prompt tokens from layer 2 on. The base model is not trained.
+LoRA: q,v with r=8, alpha 16, dropout 0.05; DoRA the same with a learned magnitude; QLoRA the same over an nf4-dq
+base (its model FLOPs counted as LoRA's). Adapter: 10 prompt tokens from layer 2 on. The base model is not trained.
 
 Per method: trainable parameters (the tensors of the saved file; for base none), the saved file (LoRA's and the
 adapters' weights file, full's model.safetensors; base: its own model.safetensors), peak RSS of the process
@@ -34,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -49,14 +51,25 @@ from lorafit.hub import resolve_checkpoint
 from lorafit.lora import ADAPTER_WEIGHTS as LORA_WEIGHTS
 from lorafit.lora import LoRAConfig
 from lorafit.methods.llama_adapter import WEIGHTS_FILE as ADAPTER_WEIGHTS
+from lorafit.methods.qlora import QLoRAConfig
 from lorafit.tokenizer import Tokenizer
 from lorafit.train import TrainConfig, evaluate
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_3k.json"
-METHODS = ("base", "lora", "adapter", "adapter-v2", "full")
-LEARNING_RATES = {"lora": 3e-4, "adapter": 9e-3, "adapter-v2": 9e-3, "full": 3e-5}  # lit-llama's finetune/ scripts
 LORA = LoRAConfig(r=8, alpha=16, dropout=0.05, targets=("q", "v"))
 ADAPTER = AdapterConfig(prompt_length=10, start_layer=2)
+ROWS = {  # row -> (the registered method, its config)
+    "lora": ("lora", LORA),
+    "dora": ("lora", replace(LORA, dora=True)),
+    "qlora": ("qlora", QLoRAConfig(**asdict(LORA), quantize="nf4-dq")),
+    "adapter": ("adapter", ADAPTER),
+    "adapter-v2": ("adapter-v2", ADAPTER),
+    "full": ("full", None),
+}
+METHODS = ("base", *ROWS)
+LORA_ROWS = ("lora", "dora", "qlora")
+# lit-llama's finetune/ scripts; DoRA and QLoRA at LoRA's
+LEARNING_RATES = {"lora": 3e-4, "dora": 3e-4, "qlora": 3e-4, "adapter": 9e-3, "adapter-v2": 9e-3, "full": 3e-5}
 QUESTION = "Explain how weight decay works."
 MAX_LENGTH = 256
 
@@ -81,7 +94,7 @@ def train_config(args: argparse.Namespace, method: str) -> TrainConfig:
 
 def saved_file(method: str, run_dir: Path, base: Path) -> Path:
     """The file a method's run leaves to be shipped."""
-    if method == "lora":
+    if method in LORA_ROWS:
         return run_dir / LORA_WEIGHTS
     if method in ("adapter", "adapter-v2"):
         return run_dir / ADAPTER_WEIGHTS
@@ -153,9 +166,9 @@ def run_method(args: argparse.Namespace, method: str) -> dict:
         out |= {"trainable": 0, "peak_rss_bytes": peak_rss_bytes()}
     else:
         torch.manual_seed(cfg.seed)
-        method_config = {"lora": LORA, "adapter": ADAPTER, "adapter-v2": ADAPTER}.get(method)
+        registered, method_config = ROWS[method]
         result = finetune(
-            method, args.data_dir, run_dir, args.checkpoint, cfg, method_config, overwrite=True, progress=False
+            registered, args.data_dir, run_dir, args.checkpoint, cfg, method_config, overwrite=True, progress=False
         )
         real_tokens = round(result.tokens_per_s * result.seconds)
         samples = trained_samples(load_prepared(args.data_dir)[0], cfg, result.steps)
@@ -166,7 +179,10 @@ def run_method(args: argparse.Namespace, method: str) -> dict:
             "val_loss": result.final_val_loss,
             "peak_rss_bytes": peak_rss_bytes(),
             "trainable": tensor_elements(saved_file(method, run_dir, base)),
-            "model_flops": training_flops(load_config(base), method, samples, LORA),
+            # QLoRA and DoRA count as LoRA: dequantising and DoRA's weight norms are work beyond the model's FLOPs.
+            "model_flops": training_flops(
+                load_config(base), "lora" if method in LORA_ROWS else registered, samples, LORA
+            ),
             **train_timing(run_dir, real_tokens),
         }
         llm = LLM.load(args.checkpoint, adapter=run_dir)

@@ -179,8 +179,21 @@ def measured(
     }
 
 
-def run_lorafit(model: LLaMA, length: int, args: argparse.Namespace, precision: str, peak: float | None) -> dict:
-    """Warm-up plus timed steps of lorafit's own training loop; timing from its per-step metrics log."""
+def run_lorafit(
+    model: LLaMA,
+    length: int,
+    args: argparse.Namespace,
+    precision: str,
+    peak: float | None,
+    variant: str = "lorafit",
+    method: str = "lora",
+    method_config: LoRAConfig = LORA,
+) -> dict:
+    """Warm-up plus timed steps of lorafit's own training loop; timing from its per-step metrics log.
+
+    variant names the row ("lorafit", "lorafit DoRA", "lorafit QLoRA nf4-dq"); method and method_config are what
+    `lorafit estimate` is asked about for the same run.
+    """
     device = next(model.parameters()).device
     total = args.warmup + args.steps
     data = synthetic_dataset(model.config.vocab_size, length, MICRO_BATCH * total, SEED + length)
@@ -203,7 +216,7 @@ def run_lorafit(model: LLaMA, length: int, args: argparse.Namespace, precision: 
     seconds = records[-1]["elapsed_s"] - records[args.warmup - 1]["elapsed_s"]
     lora_dtype = model.layers[0].self_attn.q_proj.lora_A.weight.dtype
     row = measured(
-        "lorafit",
+        variant,
         length,
         seconds,
         args.steps,
@@ -215,16 +228,49 @@ def run_lorafit(model: LLaMA, length: int, args: argparse.Namespace, precision: 
     )
     estimate = estimate_memory(
         model.config,
-        "lora",
+        method,
         MICRO_BATCH,
         length,
         precision,
-        LORA,
+        method_config,
         supervised_fraction=supervised_positions(1, length) / (length - 1),
         device=device.type,
     )
     row["estimated_peak_bytes"] = estimate.total
     return row
+
+
+def variant_rows(
+    config: Config,
+    device: torch.device,
+    dtype: torch.dtype,
+    args: argparse.Namespace,
+    precision: str,
+    peak: float | None,
+) -> list[dict]:
+    """DoRA and QLoRA (nf4-dq base) rows through the same loop, each on a fresh model with the same weights."""
+    from dataclasses import asdict, replace
+
+    from lorafit.methods.qlora import QLoRAConfig
+    from lorafit.quant import quantize_model
+
+    rows = []
+    dora, qlora = replace(LORA, dora=True), QLoRAConfig(**asdict(LORA), quantize="nf4-dq")
+    for variant, method, method_config in (("lorafit DoRA", "lora", dora), ("lorafit QLoRA nf4-dq", "qlora", qlora)):
+        if method == "qlora" and not importlib.util.find_spec("bitsandbytes"):
+            continue
+        torch.manual_seed(SEED)
+        model = build_model(config, device, dtype)
+        if method == "qlora":
+            quantize_model(model, qlora.quantize)
+        apply_lora(model, method_config)
+        rows += [
+            run_lorafit(model, length, args, precision, peak, variant, method, method_config) for length in args.lengths
+        ]
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
 
 
 def base_weights(model: LLaMA) -> dict[str, torch.Tensor]:
@@ -399,6 +445,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows += [run_peft(hf, config, length, args, peak) for length in args.lengths]
     else:
         skipped = "PEFT (transformers and peft are not both installed)"
+    rows += variant_rows(config, device, dtype, args, precision, peak)
 
     report = {
         "meta": {

@@ -201,7 +201,7 @@ def finetune_here(
             f"{model.config.block_size} positions; positions past it were never trained"
         )
     trainable = method.apply(model, method_config)
-    total = sum(p.numel() for p in model.parameters() if not p.requires_grad) + trainable
+    total = method.parameter_count(model)
     distributed.print_main(
         f"{method.name}{f' ({method.describe(method_config)})' if method.describe(method_config) else ''}: "
         f"{trainable:,} trainable parameters of {total:,} "

@@ -41,6 +41,7 @@ def test_gpu_benchmark_dry_run(tmp_path: Path) -> None:
     assert report["meta"]["steps"] == 2 and report["meta"]["micro_batch"] == 4
     has_peft = importlib.util.find_spec("transformers") and importlib.util.find_spec("peft")
     frameworks = ["lorafit", "peft"] if has_peft else ["lorafit"]
+    frameworks += ["lorafit DoRA"] + (["lorafit QLoRA nf4-dq"] if importlib.util.find_spec("bitsandbytes") else [])
     assert [row["framework"] for row in report["results"]] == frameworks
     for row in report["results"]:
         assert ROW_FIELDS <= set(row), row

@@ -80,6 +80,10 @@ class Method:
         """The base model the method trains on; by default as the checkpoint stores it, in `dtype`."""
         return load_model(path, dtype=dtype, device=device)
 
+    def parameter_count(self, model: LLaMA) -> int:
+        """The model's parameters, frozen and trained (tied weights once)."""
+        return sum(p.numel() for p in model.parameters())
+
     def stored_weight_bytes(self, model: LLaMA, config: Any) -> int:
         """Bytes of the model's weights as the method keeps them (for estimate; tied weights once)."""
         return sum(p.numel() * p.element_size() for p in model.parameters())

@@ -84,6 +84,11 @@ class QLoRA(LoRA):
         dequantize_model(model)
         return model.state_dict()
 
+    def parameter_count(self, model: LLaMA) -> int:
+        """The quantised weights count too (they are buffers of codes, not parameters)."""
+        quantised = sum(m.in_features * m.out_features for _, m in quantized_linears(model))
+        return super().parameter_count(model) + quantised
+
     def stored_weight_bytes(self, model: LLaMA, config: QLoRAConfig) -> int:
         """The block linears at their quantised size, the rest as stored (for estimate)."""
         total = super().stored_weight_bytes(model, config)
