@@ -96,6 +96,11 @@ class Method:
         """The base model the output in run_dir was trained on, as its files name it."""
         return None
 
+    def run_config(self, run_dir: Path) -> Any:
+        """The method's settings as the run recorded them in lorafit_run.json (defaults where there is none)."""
+        recorded = run_record(run_dir).get(self.name)
+        return self.config_from_dict(recorded) if recorded else self.default_config()
+
     def load(self, model: LLaMA, run_dir: Path) -> Any:
         """Apply the output saved in run_dir to a freshly loaded base model; returns the method's config."""
         raise NotImplementedError
@@ -114,7 +119,7 @@ class Method:
         if reference is None:
             raise ValueError(f"{run_dir}: the run does not name its base model; pass --checkpoint")
         base = resolve_checkpoint(reference)
-        model = self.load_base(base, dtype, device, self.default_config())
+        model = self.load_base(base, dtype, device, self.run_config(run_dir))
         check_base(model, run_dir, base)
         self.load(model, run_dir)
         return model, base

@@ -3,7 +3,8 @@
 The base is quantised while it is loaded (lorafit/quant.py, bitsandbytes), layer by layer from the
 memory-mapped checkpoint; only the linear layers inside the blocks are quantised (the embedding, LM
 head and norms stay in the run's dtype, as in the paper and PEFT). The adapter is an ordinary PEFT
-LoRA adapter; the scheme is recorded in lorafit_run.json, so generate and merge rebuild the same base.
+LoRA adapter; the scheme is recorded in lorafit_run.json (Method.run_config), so generate and merge rebuild
+the same base.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from typing import ClassVar, Literal
 import torch
 
 from lorafit.lora import LoRAConfig, merge_lora
-from lorafit.methods.base import check_base, run_record
 from lorafit.methods.lora import LoRA
 from lorafit.model import LLaMA
 from lorafit.quant import (
@@ -49,27 +49,10 @@ class QLoRA(LoRA):
     def load_base(self, path: Path, dtype: torch.dtype, device: torch.device | str, config: QLoRAConfig) -> LLaMA:
         return load_quantized(path, config.quantize, dtype, device)
 
-    def load_run(
-        self,
-        run_dir: Path,
-        checkpoint: str | Path | None = None,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ) -> tuple[LLaMA, Path]:
-        """The base quantised as in training (the scheme from lorafit_run.json), with the adapter on top."""
-        from lorafit.hub import resolve_checkpoint
-
-        config = self.config_from_dict(run_record(run_dir)[self.name])
-        base = resolve_checkpoint(checkpoint or self.base_reference(run_dir))
-        model = self.load_base(base, dtype, device, config)
-        check_base(model, run_dir, base)
-        self.load(model, run_dir)
-        return model, base
-
     def load(self, model: LLaMA, run_dir: Path) -> LoRAConfig:
         """The adapter over the base quantised as in training (quantised here if it was loaded in full precision)."""
         if not quantized_linears(model):
-            quantize_model(model, self.config_from_dict(run_record(run_dir)[self.name]).quantize)
+            quantize_model(model, self.run_config(run_dir).quantize)
         return super().load(model, run_dir)
 
     def prepare_for_inference(self, model: LLaMA) -> None:
