@@ -26,7 +26,7 @@ from lorafit.methods import Method, get_method
 from lorafit.methods.base import base_fingerprint
 from lorafit.model import LLaMA
 from lorafit.rundir import RunDirectoryError, RunLock, check_resume, read_run_file, start_fresh, write_run_file
-from lorafit.runtime import auto_precision_note, resolve_precision, weights_dtype
+from lorafit.runtime import auto_precision_note, release_large_buffers, resolve_precision, weights_dtype
 from lorafit.tokenizer import Tokenizer
 from lorafit.train import (
     TrainConfig,
@@ -213,6 +213,8 @@ def finetune_here(
     on_eval = None
     if method.strategy != "fsdp" or distributed.world_size() == 1:
         on_eval = sample_printer(model, tokenizer, *sample)
+    if device.type == "cpu" and cfg.cpu_mmap_threshold is None and method.cpu_mmap_threshold:
+        release_large_buffers(method.cpu_mmap_threshold)
     result = train(
         model,
         train_set,

@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lorafit.runtime import trim_heap
+
 if TYPE_CHECKING:
     from bitsandbytes.functional import QuantState
 
@@ -293,6 +295,7 @@ def load_quantized(
             return None
         layer = QuantizedLinear.from_weight(source.to(device=device, dtype=dtype), scheme)
         _release_pages(source)
+        trim_heap()  # the quantiser's freed temporaries, which would otherwise stay resident between the layers kept
         return layer
 
     model = load_model(path, dtype=dtype, device=device, make_linear=quantize)
@@ -303,4 +306,5 @@ def load_quantized(
             for param in model.parameters():
                 mapped, param.data = param.data, param.data.clone()
                 _release_pages(mapped)
+        trim_heap()
     return model

@@ -342,7 +342,7 @@ def test_evaluate_leaves_the_model_in_the_mode_it_found_it(training):
 
 RSS_RETURNED = """
 import sys, torch
-from lorafit.runtime import release_large_buffers
+from lorafit.runtime import release_large_buffers, trim_heap
 
 def rss_mib():
     with open("/proc/self/statm") as f:
@@ -350,6 +350,13 @@ def rss_mib():
 
 if sys.argv[1] == "release":
     assert release_large_buffers(1 << 20)
+if sys.argv[1] == "trim":  # small buffers, which always come from the heap, freed every other one, then trimmed
+    buffers = [torch.ones(2**14) for _ in range(6400)]  # 400 MiB in 64 KiB buffers
+    before = rss_mib()
+    del buffers[::2]
+    assert trim_heap()
+    print(before - rss_mib())
+    sys.exit()
 warm = [torch.ones(2**19) for _ in range(4)]  # 2 MiB buffers, freed: glibc's adaptive threshold rises past them
 del warm
 buffers = [torch.ones(2**19) for _ in range(100)]  # 200 MiB in 2 MiB buffers
@@ -370,3 +377,4 @@ def test_large_buffers_go_back_to_the_system_when_freed():
 
     assert returned_mib("release") > 90  # of the 100 MiB freed
     assert returned_mib("default") < 10
+    assert returned_mib("trim") > 150  # of the 200 MiB freed in holes of the heap

@@ -33,6 +33,9 @@ class Method:
     """Whether `remove` can take a loaded run off its base again (evaluating several runs on one loaded base)."""
     strategy: ClassVar[str] = "ddp"
     """How several processes train it: "ddp" (replicated weights, all-reduced gradients) or "fsdp" (sharded)."""
+    cpu_mmap_threshold: ClassVar[int | None] = None
+    """Where set, training on the CPU maps buffers of at least this many bytes on their own unless the user chose
+    (TrainConfig.cpu_mmap_threshold): for a method whose forward allocates a large temporary per layer and call."""
 
     def default_config(self) -> Any:
         return self.config_class() if self.config_class is not None else None
