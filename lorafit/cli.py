@@ -278,6 +278,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         args.served_model_name,
         args.device,
         args.dtype,
+        args.compile,
+        args.quantize,
+        args.max_prefill_tokens,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         print(f"lorafit serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
@@ -509,9 +512,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[tuple[str, str | None]
     cmd.add("--max-loaded-adapters", type=positive_int, default=serve.DEFAULT_MAX_LOADED_ADAPTERS, help="in memory")
     cmd.add("--max-model-len", type=positive_int, default=serve.DEFAULT_MAX_MODEL_LEN, help="prompt + output tokens")
     cmd.add("--max-body-bytes", type=positive_int, default=serve.DEFAULT_MAX_BODY_BYTES, help="request size limit")
+    prefill_help = "prompt tokens (padded) prefilled together in one forward between two decode steps"
+    cmd.add("--max-prefill-tokens", type=positive_int, default=serve.DEFAULT_MAX_PREFILL_TOKENS, help=prefill_help)
     cmd.add("--served-model-name", default=None, help="the base model's name in the API (unset: --checkpoint)")
     cmd.add("--device", default=None, help="cpu or cuda (unset: cuda when available)")
     cmd.add("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weight dtype")
+    from lorafit.quant import SCHEMES
+
+    quantize_help = "hold the base's block linears quantised (needed to serve QLoRA runs; nf4 needs lorafit[quant])"
+    cmd.add("--quantize", default=None, choices=SCHEMES, help=quantize_help)
+    compile_help = "compile the batched decode step with torch.compile at start (/health says 503 until done)"
+    cmd.add("--compile", action="store_true", help=compile_help)
     cmd.add("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's")
 
     cmd = leaf(

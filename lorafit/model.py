@@ -79,18 +79,20 @@ class KVCache(nn.Module):
         """Store keys/values for positions start.. and return all keys/values up to them.
 
         start may be a (B,) tensor of per-row positions for one new token per row (continuous batching,
-        where every row is a different request); then keys/values up to the furthest row come back.
+        where every row is a different request); then every position the cache holds comes back (the attention
+        mask hides each row's later ones): no size depends on the positions' values, so nothing reads them back
+        from the device and a compiled step stays one graph. A caller sizes the cache to the rows' furthest position.
         """
-        end = int(start.max()) + 1 if isinstance(start, torch.Tensor) else start + k.size(2)
-        if end > self.k.size(2):
-            raise ValueError(f"KV cache holds {self.k.size(2)} positions; asked for {end}")
         if isinstance(start, torch.Tensor):
             rows = torch.arange(k.size(0), device=k.device)
             self.k[rows, :, start] = k[:, :, 0]
             self.v[rows, :, start] = v[:, :, 0]
-        else:
-            self.k[:, :, start:end] = k
-            self.v[:, :, start:end] = v
+            return self.k, self.v
+        end = start + k.size(2)
+        if end > self.k.size(2):
+            raise ValueError(f"KV cache holds {self.k.size(2)} positions; asked for {end}")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
     def rows(self, first: int, last: int) -> KVCache:
@@ -221,8 +223,11 @@ class LLaMA(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def rope(self, start: int | torch.Tensor, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin rows for positions start..start+length-1; for per-row positions (B,), shaped (B, 1, 1, head_dim)."""
-        end = (int(start.max()) if isinstance(start, torch.Tensor) else start) + length
+        """cos/sin rows for positions start..start+length-1; for per-row positions (B,), shaped (B, 1, 1, head_dim).
+
+        Per-row positions lie inside the KV cache, so its length sizes the tables (their values are not read back).
+        """
+        end = self.kv_cache_length if isinstance(start, torch.Tensor) else start + length
         if self._rope is None or self._rope[0].size(0) < end or self._rope[0].device != device:
             size = max(end, 2048)
             # Built as normal tensors even under inference_mode (generation), so training can use them later.

@@ -518,6 +518,9 @@ def test_serve_cli_parses_and_rejects_bad_adapter_spec() -> None:
 
     args = parse_args(["serve", "--adapter", "a=/x", "--adapter", "b=/y", "--api-key", "k", "--max-batch", "4"])
     assert args.adapter == ["a=/x", "b=/y"] and args.host == "127.0.0.1" and args.max_batch == 4
+    assert not args.compile and args.quantize is None and args.max_prefill_tokens == 512
+    args = parse_args(["serve", "--compile", "--quantize", "nf4-dq", "--max-prefill-tokens", "64"])
+    assert args.compile and args.quantize == "nf4-dq" and args.max_prefill_tokens == 64
     assert parse_adapter_spec("a=/x") == ("a", Path("/x"))
     with pytest.raises(ValueError, match="expected NAME=RUN_DIR"):
         parse_adapter_spec("/x")

@@ -13,6 +13,7 @@ DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_MODEL_LEN = 1024
 DEFAULT_MAX_LOADED_ADAPTERS = 16
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_MAX_PREFILL_TOKENS = 512
 
 
 def require_serve_extra() -> None:
@@ -48,11 +49,19 @@ def build_app(
     served_model_name: str | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    compile: bool = False,
+    quantize: str | None = None,
+    max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
 ) -> Any:
-    """Load the base model and the start-up adapters and return the FastAPI app that serves them."""
+    """Load the base model (quantised with `quantize`) and the start-up adapters and return the FastAPI app.
+
+    compile=True decodes through generate's compiled step, compiled when the app starts (/health answers 503
+    until then).
+    """
     require_serve_extra()
     from lorafit.checkpoint import load_model
     from lorafit.hub import DEFAULT_MODEL, resolve_checkpoint
+    from lorafit.quant import load_quantized
     from lorafit.runtime import resolve_device, resolve_dtype, use_decode_layout
     from lorafit.serve.adapters import AdapterStore
     from lorafit.serve.app import ServeSettings, create_app
@@ -64,8 +73,14 @@ def build_app(
         raise FileNotFoundError(f"--adapter-dir {adapter_dir}: not a directory")
     path = resolve_checkpoint(checkpoint)
     torch_device = resolve_device(device)
-    model = load_model(path, dtype=resolve_dtype(dtype, torch_device), device=torch_device)
-    if torch_device.type == "cpu":
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    # As LLM.load (generate, chat) loads it: block linears quantised while loading, column-major weights on the
+    # CPU unless compiled (the compiled step reads row-major weights best).
+    if quantize:
+        model = load_quantized(path, quantize, torch_dtype, torch_device)
+    else:
+        model = load_model(path, dtype=torch_dtype, device=torch_device)
+    if torch_device.type == "cpu" and not compile:
         use_decode_layout(model)
     tokenizer = Tokenizer.from_checkpoint(path)
     max_model_len = min(max_model_len, model.config.block_size)
@@ -78,6 +93,8 @@ def build_app(
         max_batch=max_batch,
         max_model_len=max_model_len,
         max_body_bytes=max_body_bytes,
+        compile=compile,
+        max_prefill_tokens=max_prefill_tokens,
     )
     return create_app(model, tokenizer, store, settings)
 

@@ -1,8 +1,12 @@
-"""The server's adapters: PEFT LoRA adapters read from disk, checked against the base, kept in numbered slots.
+"""The server's adapters: PEFT LoRA (and DoRA) adapters read from disk, checked against the base, kept in slots.
 
 Adapters named at start and those loaded through the API stay until unloaded; adapters found in
 --adapter-dir on first request share the remaining slots as a least-recently-used cache. A slot in use by
 a running request is never reused, so unloading or evicting an adapter never changes a running answer.
+
+A QLoRA run was trained over a quantised base; it is served only by a server whose base is quantised the same way
+(--quantize), as `lorafit generate --adapter RUN` rebuilds it. Plain LoRA runs are served over whatever base the
+server holds, quantised or not.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ from lorafit.lora import (
 )
 from lorafit.methods import method_of_run
 from lorafit.methods.lora import LoRA
+from lorafit.methods.qlora import QLoRA
 from lorafit.model import LLaMA
+from lorafit.quant import QuantizedLinear, quantized_linears
 from lorafit.serve.multi_lora import BatchAdapters, MultiLoRALinear
 
 
@@ -41,6 +47,10 @@ class AdapterError(ValueError):
         self.status = status
 
 
+LayerWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+"""One adapted layer's A (r, in), B (out, r) and DoRA magnitude (out,) or None."""
+
+
 @dataclass
 class LoadedAdapter:
     """One adapter in memory."""
@@ -50,11 +60,18 @@ class LoadedAdapter:
     slot: int
     config: LoRAConfig
     pinned: bool
-    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    tensors: dict[str, LayerWeights] = field(default_factory=dict, repr=False)
 
 
-def read_lora_adapter(path: str | Path, base: LLaMA) -> tuple[LoRAConfig, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """A PEFT LoRA adapter's config and {module name: (A, B)}, checked tensor by tensor against the base's shapes."""
+def base_quantization(model: LLaMA) -> str | None:
+    """The scheme the model's block linears are quantised with (None: not quantised)."""
+    layers = quantized_linears(model)
+    return layers[0][1].scheme if layers else None
+
+
+def read_lora_adapter(path: str | Path, base: LLaMA) -> tuple[LoRAConfig, dict[str, LayerWeights]]:
+    """A PEFT LoRA adapter's config and {module name: (A, B, magnitude)}, checked against the base's shapes (and, for a
+    QLoRA run, its quantisation)."""
     path = Path(path)
     try:
         method = method_of_run(path)
@@ -62,6 +79,14 @@ def read_lora_adapter(path: str | Path, base: LLaMA) -> tuple[LoRAConfig, dict[s
         raise AdapterError(f"{path}: not a LoRA adapter directory ({error})") from None
     if not isinstance(method, LoRA):
         raise AdapterError(f"{path}: a {method.name} run; the server serves LoRA only (use lorafit chat --adapter)")
+    if isinstance(method, QLoRA):
+        scheme, served = method.run_config(path).quantize, base_quantization(base)
+        if scheme != served:
+            base_is = f"quantised to {served}" if served else "not quantised"
+            raise AdapterError(
+                f"{path}: a QLoRA run trained over a {scheme} base, and this server's base is {base_is}; "
+                f"start the server with --quantize {scheme} to serve it"
+            )
     if not (path / ADAPTER_WEIGHTS).is_file():
         raise AdapterError(f"{path}: not a LoRA adapter directory (it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
     try:
@@ -81,11 +106,15 @@ def read_lora_adapter(path: str | Path, base: LLaMA) -> tuple[LoRAConfig, dict[s
         check_lora_tensors(shapes, config, tensors, str(path / ADAPTER_WEIGHTS))
     except ValueError as error:
         raise AdapterError(f"{error} (was it trained on a different base model?)") from None
-    pairs = {
-        name: (tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"])
+    layers = {
+        name: (
+            tensors[f"{name}.lora_A.weight"],
+            tensors[f"{name}.lora_B.weight"],
+            tensors.get(f"{name}.lora_magnitude_vector"),
+        )
         for name, _ in target_linears(shapes, config.targets)
     }
-    return config, pairs
+    return config, layers
 
 
 class AdapterStore:
@@ -123,12 +152,12 @@ class AdapterStore:
         with self.lock:
             if name in self.loaded:
                 raise AdapterError(f"an adapter named {name!r} is already loaded")
-        config, pairs = read_lora_adapter(path, self.model)
+        config, layers = read_lora_adapter(path, self.model)
         with self.lock:
             if name in self.loaded:
                 raise AdapterError(f"an adapter named {name!r} is already loaded")
             slot = self._free_slot()
-            adapter = LoadedAdapter(name, path, slot, config, pinned, pairs)
+            adapter = LoadedAdapter(name, path, slot, config, pinned, layers)
             self._install(adapter)
             self.loaded[name] = adapter
             self.slot_owner[slot] = name
@@ -219,15 +248,15 @@ class AdapterStore:
             if name not in self.layers:
                 self._wrap(name)
         for name, layer in self.layers.items():
-            A, B = adapter.tensors.get(name, (None, None))
-            layer.set_slot(adapter.slot, A, B, adapter.config.scaling)
+            A, B, magnitude = adapter.tensors.get(name, (None, None, None))
+            layer.set_slot(adapter.slot, A, B, adapter.config.scaling, magnitude)
         adapter.tensors = {}  # the slots hold them now
 
     def _wrap(self, name: str) -> None:
         parent_name, _, child = name.rpartition(".")
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
         linear = getattr(parent, child)
-        if type(linear) is not nn.Linear or child not in TARGETS.values():
+        if not (type(linear) is nn.Linear or isinstance(linear, QuantizedLinear)) or child not in TARGETS.values():
             raise AdapterError(f"cannot put LoRA on {name}")
         layer = MultiLoRALinear(linear, self.capacity, self.batch)
         setattr(parent, child, layer)

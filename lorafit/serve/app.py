@@ -20,12 +20,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorafit.generate import TextStreamer
 from lorafit.lora import ADAPTER_CONFIG
 from lorafit.model import LLaMA
+from lorafit.serve import DEFAULT_MAX_PREFILL_TOKENS
 from lorafit.serve.adapters import AdapterError, AdapterStore
 from lorafit.serve.scheduler import Engine, Sampling
 from lorafit.serve.scheduler import Request as GenerationRequest
@@ -41,6 +43,8 @@ class ServeSettings:
     max_model_len: int
     max_body_bytes: int
     graceful_shutdown_s: float = 30.0
+    compile: bool = False
+    max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS
 
 
 class APIError(Exception):
@@ -149,6 +153,22 @@ class StopStrings:
 # ---------------------------------------------------------------------------- the app
 
 
+class EngineCounters:
+    """The decode loop's own counters, read at each scrape: prefill forwards, requests prefilled, decode steps."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Any:
+        """Prometheus metric families (the registry calls this on every scrape)."""
+        engine = self.engine
+        yield CounterMetricFamily(
+            "lorafit_prefill_forwards", "Prefill forwards (each may prefill several requests)", engine.prefill_forwards
+        )
+        yield CounterMetricFamily("lorafit_prefilled_requests", "Requests prefilled", engine.prefilled_requests)
+        yield CounterMetricFamily("lorafit_decode_steps", "Batched decode steps", engine.decode_steps)
+
+
 def create_app(model: LLaMA, tokenizer: Any, adapters: AdapterStore, settings: ServeSettings) -> FastAPI:
     """The FastAPI app serving `model` (named settings.base_name) and the adapters in `adapters`."""
     registry = CollectorRegistry()
@@ -170,7 +190,16 @@ def create_app(model: LLaMA, tokenizer: Any, adapters: AdapterStore, settings: S
         occupancy.set(running)
         waiting.set(queued)
 
-    engine = Engine(model, adapters, settings.max_batch, settings.max_model_len, on_step)
+    engine = Engine(
+        model,
+        adapters,
+        settings.max_batch,
+        settings.max_model_len,
+        on_step,
+        compiled=settings.compile,
+        max_prefill_tokens=settings.max_prefill_tokens,
+    )
+    registry.register(EngineCounters(engine))
     created = int(time.time())
 
     @asynccontextmanager
@@ -224,7 +253,11 @@ def create_app(model: LLaMA, tokenizer: Any, adapters: AdapterStore, settings: S
     # ------------------------------------------------------------------------ simple routes
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=200)
+        if not engine.ready.is_set():
+            # Requests are accepted meanwhile: they wait in the queue until the step is compiled.
+            detail = "compiling the batched decode step (--compile); requests wait until it is done"
+            return JSONResponse({"status": "warming up", "detail": detail}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def metrics() -> Response:
