@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import re
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -119,6 +120,7 @@ def main() -> None:
 
         rows, base_tokens = [], None
         for name, key, model_file, lora_file in runs:
+            print(f"running {name} ...", file=sys.stderr, flush=True)  # a row takes minutes on a loaded machine
             llama = open_llama(llama_cpp, model_file, lora_file, ids, args)
             row = Row(name)
             tokens_here = []
