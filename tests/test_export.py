@@ -358,3 +358,24 @@ def test_default_model(default_checkpoint: Path, tmp_path: Path) -> None:
     text = modelfile.read_text()
     assert "<|im_start|>{{ .Role }}" in text and 'SYSTEM """You are a helpful AI assistant' in text
     assert 'PARAMETER stop "<|im_end|>"' in text
+
+
+@pytest.mark.slow
+def test_default_export_has_the_metadata_llama_cpps_converter_wrote(
+    default_gguf: Path, default_checkpoint: Path, tmp_path: Path
+) -> None:
+    # The default model's GGUF was written by llama.cpp's convert_hf_to_gguf.py; lorafit's export of it (through
+    # the float checkpoint lorafit made from it) must give llama.cpp the same model and tokenizer keys and
+    # tensors, since benchmarks/llamacpp_check.py found llama.cpp's tokens and greedy answers equal to lorafit's.
+    out, _ = export(default_checkpoint, tmp_path / "m.gguf", outtype="q8_0")
+    theirs, ours = gguf.GGUFReader(default_gguf), gguf.GGUFReader(out)
+
+    def fields(reader) -> dict:
+        return {k: f.contents() for k, f in reader.fields.items() if k.startswith(("llama.", "tokenizer."))}
+
+    want, got = fields(theirs), fields(ours)
+    # gpt2 vocabularies default to no space prefix in llama.cpp; add_eos_token False is its default too.
+    assert want.pop("tokenizer.ggml.add_space_prefix") is False and got.pop("tokenizer.ggml.add_eos_token") is False
+    assert want.keys() == got.keys()
+    assert [k for k in want if want[k] != got[k]] == []
+    assert {t.name: t.shape.tolist() for t in theirs.tensors} == {t.name: t.shape.tolist() for t in ours.tensors}
