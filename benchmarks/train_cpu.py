@@ -9,19 +9,21 @@ is how each framework feeds it, as its users would:
 - recipe: LoRA on q,v with r=8, alpha 16, dropout 0.05; AdamW lr 3e-4 (weight decay 0) with lorafit's schedule
   (linear warm-up over a tenth of the steps, then cosine; PEFT gets it as a LambdaLR); gradient clipping at 1;
   micro-batch 4 = global batch (no accumulation); one epoch = 64 optimizer steps;
-- lorafit: `lorafit.train.train` (its BatchPlan length-grouped batches; LM head only where labels exist), with
-  the CPU memory switch cpu_mmap_threshold at 1 MiB (--change picks an earlier row of CHANGES instead);
+- lorafit: `lorafit.train.train` with its defaults, no switch: BatchPlan's length-grouped batches, the LM head only
+  where labels exist, fused AdamW, and `--precision auto` (bf16 mixed where this machine's bf16 matmul is >= 1.2x
+  float32, else float32; the table says which) (--change picks an earlier row of CHANGES, or adds a switch);
 - PEFT: `get_peft_model` on transformers' LlamaForCausalLM (SDPA attention, no KV cache) in a plain PyTorch
   loop: records in file order, each batch padded to its longest sample (dynamic padding, as a DataCollator
-  does) with an attention mask, HF's loss = mean over the labelled tokens.
+  does) with an attention mask, HF's loss = mean over the labelled tokens; float32, its default (--changes also
+  runs it under bf16 autocast, which its users can switch on).
 
 Runs alternate (lorafit, PEFT, lorafit, PEFT, ...), each in its own subprocess; per framework we print the median
 over --repeats of: wall time of the epoch, real (non-padding) tokens/s, padding share of the tokens fed, peak
 RSS (ru_maxrss of that process, model loading included) and the final loss (mean train loss of the last 8
 steps; the two see their batches in different orders, so expect close, not equal, values); and lorafit / PEFT.
 Beside the peer ratio, each side's model FLOP/s (machine.py's `training_flops` of the epoch's real tokens over
-its wall time) as a share of this machine's float32 matmul peak, measured by machine.py's `probe` at the start
-(every mode prints that share).
+its wall time) as a share of this machine's matmul peak in the precision it trained in (float32 or bf16),
+measured by machine.py's `probe` at the start (every mode prints that share).
 
 --changes runs PEFT once, then lorafit once per row of CHANGES, each row adding one of lorafit's speed or memory
 changes to the row above (the earlier rows are rebuilt by swapping lorafit functions for their plain PyTorch form in
@@ -33,7 +35,7 @@ warm-up step, and peak RSS.
 
     python benchmarks/train_cpu.py --json train_cpu.json              # 2 repeats: ~15 min on 2 quiet cores
     python benchmarks/train_cpu.py --records 8 --repeats 1            # smoke test, under a minute
-    python benchmarks/train_cpu.py --changes --json train_cpu_changes.json     # 8 runs: ~25 min
+    python benchmarks/train_cpu.py --changes --json train_cpu_changes.json     # 12 runs: ~35 min
     python benchmarks/train_cpu.py --scaling --json train_cpu_scaling.json                 # 12 cells, ~10 min
     python benchmarks/train_cpu.py --scaling --lengths 128,256 --batches 1,4 --steps 1     # smoke test, ~1 min
 
@@ -81,7 +83,9 @@ LITGPT_MISSING = (
 )
 
 
-def train_config(steps: int, micro_batch: int = MICRO_BATCH, max_length: int = MAX_LENGTH) -> TrainConfig:
+def train_config(
+    steps: int, micro_batch: int = MICRO_BATCH, max_length: int = MAX_LENGTH, precision: str = "32-true"
+) -> TrainConfig:
     """The recipe: one optimizer step per micro-batch, lorafit's warm-up + cosine schedule, no evaluation."""
     return TrainConfig(
         max_steps=steps,
@@ -95,7 +99,7 @@ def train_config(steps: int, micro_batch: int = MICRO_BATCH, max_length: int = M
         eval_interval=0,
         eval_batches=0,
         save_interval=0,
-        precision="32-true",
+        precision=precision,
         seed=SEED,
     )
 
@@ -187,16 +191,28 @@ class ShuffledPlan(BatchPlan):
 
 
 CHANGES = (
-    ("lorafit's model fed as PEFT's side: file order, LM head at every position", "baseline"),
+    ("lorafit's model fed as PEFT's side: file order, LM head at every position, float32", "baseline"),
     ("+ length-grouped batches (BatchPlan)", "grouping"),
     ("+ LM head and cross-entropy only at supervised positions", "supervised-head"),
     ("+ SwiGLU and LoRA dropout saving less (ops.py, LoRALinear)", "lean-autograd"),
     ("+ LM head + cross-entropy fused, 128 positions at a time", "fused-head"),
     ("+ largest batch first (BatchPlan)", "largest-first"),
-    ("+ buffers >= 1 MiB returned to the system when freed (--cpu-mmap-threshold 1048576)", "mmap-threshold"),
+    ("+ AdamW fused on the CPU", "fused-adamw"),
+    (
+        "+ precision by measurement (--precision auto: bf16 mixed where bf16 matmul is faster) = lorafit's defaults",
+        "auto-precision",
+    ),  # fmt: skip
+    ("+ buffers >= 1 MiB returned to the system when freed (--cpu-mmap-threshold 1048576, a switch)", "mmap-threshold"),
     ("+ activation checkpointing (--activation-checkpointing, a switch)", "activation-checkpointing"),
 )
 CHANGE_KEYS = [key for _, key in CHANGES]
+PEFT_ROWS = ("HF PEFT + transformers, float32 (the peer, as its users run it)", "HF PEFT, bf16 autocast (a switch)")
+DEFAULTS = "auto-precision"  # the last row of lorafit as it runs without a switch
+
+
+def plain_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """make_optimizer as it was: AdamW's default (foreach) implementation on the CPU."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=0)
 
 
 def undo_changes_after(change: str) -> list[str]:
@@ -217,6 +233,8 @@ def undo_changes_after(change: str) -> list[str]:
     if "lean-autograd" in later:
         lorafit.model.swiglu = plain_swiglu
         lorafit.lora.LoRALinear.forward = plain_lora_forward
+    if "fused-adamw" in later:
+        lorafit.train.make_optimizer = plain_optimizer
     return later
 
 
@@ -230,14 +248,15 @@ def run_lorafit(dataset: TokenDataset, args: argparse.Namespace, run_dir: Path) 
     batches = lorafit.train.BatchPlan(dataset.lengths, MICRO_BATCH, SEED).batches(0)
     model = load_model(resolve_checkpoint(args.checkpoint))
     apply_lora(model, LORA)
-    cfg = train_config(len(batches))
+    cfg = train_config(len(batches), precision="32-true" if "auto-precision" in undone else "auto")
     cfg.activation_checkpointing = args.change == "activation-checkpointing"
     if "mmap-threshold" not in undone:
         cfg.cpu_mmap_threshold = 1 << 20
     result = lorafit.train.train(model, dataset, None, cfg, run_dir, args.pad_id, progress=False)
     real, padding = padding_share(dataset, batches)
     losses = [r["train_loss"] for r in metrics_records(run_dir)]
-    return {"seconds": result.seconds, "real_tokens": real, "padding_share": padding, "losses": losses}
+    return {"seconds": result.seconds, "real_tokens": real, "padding_share": padding, "losses": losses,
+            "precision": cfg.precision}  # fmt: skip
 
 
 def run_peft(dataset: TokenDataset, args: argparse.Namespace) -> dict:
@@ -251,9 +270,11 @@ def run_peft(dataset: TokenDataset, args: argparse.Namespace) -> dict:
         optimizer, lambda step: learning_rate_at(step, len(batches), cfg) / cfg.learning_rate
     )
     model.train()
+    precision = "bf16-mixed" if args.peft_autocast else "32-true"
     losses, started = [], time.perf_counter()
     for indices in batches:
-        loss = model(**hf_batch(dataset, indices, args.pad_id)).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.peft_autocast):
+            loss = model(**hf_batch(dataset, indices, args.pad_id)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
@@ -262,7 +283,7 @@ def run_peft(dataset: TokenDataset, args: argparse.Namespace) -> dict:
         losses.append(loss.item())
     seconds = time.perf_counter() - started
     real, padding = padding_share(dataset, batches)
-    return {"seconds": seconds, "real_tokens": real, "padding_share": padding, "losses": losses}
+    return {"seconds": seconds, "real_tokens": real, "padding_share": padding, "losses": losses, "precision": precision}
 
 
 def run_scaling_cell(args: argparse.Namespace, run_dir: Path) -> dict:
@@ -275,10 +296,12 @@ def run_scaling_cell(args: argparse.Namespace, run_dir: Path) -> dict:
     apply_lora(model, LORA)
     total_steps = 1 + args.steps
     dataset = synthetic_dataset(model.config.vocab_size, args.length, args.batch * total_steps)
-    train(model, dataset, None, train_config(total_steps, args.batch, args.length), run_dir, 0, progress=False)
+    cfg = train_config(total_steps, args.batch, args.length, precision="auto")
+    train(model, dataset, None, cfg, run_dir, 0, progress=False)
     elapsed = [r["elapsed_s"] for r in metrics_records(run_dir)]  # after each step, from the loop's start
     seconds = elapsed[-1] - elapsed[0]
-    return {"seconds": seconds, "tokens_per_s": args.steps * args.batch * args.length / seconds}
+    tokens_per_s = args.steps * args.batch * args.length / seconds
+    return {"seconds": seconds, "tokens_per_s": tokens_per_s, "precision": cfg.precision}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -316,15 +339,32 @@ COMPARED = (
 )
 
 
-def compare_table(medians: dict[str, dict], peak_gflops: float) -> str:
-    """lorafit and PEFT side by side, with lorafit / PEFT and model FLOP/s as a share of the float32 matmul peak."""
+def peak_gflops(machine: dict, precision: str) -> float:
+    """The matmul peak of the precision a run's products ran in."""
+    return machine["bfloat16_gflops" if precision.startswith("bf16") else "float32_gflops"]
+
+
+def peak_share(run: dict, machine: dict) -> str:
+    """Model FLOP/s as a share of the matmul peak of the run's precision, e.g. '61% of bf16's 406 GFLOP/s'."""
+    name = "bf16" if run["precision"].startswith("bf16") else "float32"
+    peak = peak_gflops(machine, run["precision"])
+    return f"{share(run['model_gflops'], peak)} of {name}'s {peak:.0f} GFLOP/s"
+
+
+def compare_table(medians: dict[str, dict], machine: dict) -> str:
+    """lorafit and PEFT side by side: lorafit / PEFT, and model FLOP/s as shares of the machine's matmul peaks."""
     lines = ["| median | lorafit | PEFT | lorafit / PEFT |", "|---|---:|---:|---:|"]
+    precisions = [medians[name]["precision"] for name in FRAMEWORKS]
+    lines.append(f"| precision | {precisions[0]} | {precisions[1]} | |")
     for label, key, fmt in COMPARED:
         ours, theirs = medians["lorafit"][key], medians["peft"][key]
         ratio = f"{ours / theirs:.3f}" if theirs else "n/a"
         lines.append(f"| {label} | {fmt.format(ours)} | {fmt.format(theirs)} | {ratio} |")
-    ours, theirs = (share(medians[name]["model_gflops"], peak_gflops) for name in FRAMEWORKS)
-    lines.append(f"| share of float32 matmul peak ({peak_gflops:.1f} GFLOP/s) | {ours} | {theirs} | |")
+    ours, theirs = (peak_share(medians[name], machine) for name in FRAMEWORKS)
+    lines.append(f"| model FLOP/s as a share of the matmul peak | {ours} | {theirs} | |")
+    float32 = machine["float32_gflops"]
+    ours, theirs = (share(medians[name]["model_gflops"], float32) for name in FRAMEWORKS)
+    lines.append(f"| ... of the float32 peak ({float32:.0f} GFLOP/s) | {ours} | {theirs} | |")
     return "\n".join(lines)
 
 
@@ -358,9 +398,10 @@ def compare(args: argparse.Namespace) -> dict:
                 )
     medians = {
         name: {key: statistics.median(r[key] for r in results) for _, key, _ in COMPARED}
+        | {"precision": results[0]["precision"]}
         for name, results in runs.items()
     }
-    print(compare_table(medians, args.machine["float32_gflops"]))
+    print(compare_table(medians, args.machine))
     litgpt = "litgpt: installed but not benchmarked" if importlib.util.find_spec("litgpt") else LITGPT_MISSING
     print(f"\n{litgpt}")
     setup = {
@@ -373,20 +414,17 @@ def compare(args: argparse.Namespace) -> dict:
     return {"setup": setup, "median": medians, "runs": runs, "litgpt": litgpt}
 
 
-def changes_table(rows: list[tuple[str, dict]], peft: dict, peak_gflops: float) -> str:
-    """One row per change: lorafit's tokens/s and peak RSS, both as ratios to PEFT's, and its share of matmul peak."""
+def changes_table(rows: list[tuple[str, dict]], peft: dict, machine: dict) -> str:
+    """One row per run: tokens/s and peak RSS, both as ratios to PEFT's (float32), and its share of matmul peak."""
     lines = [
-        "| change | real tokens/s | peak RSS (MiB) | tokens/s / PEFT | peak RSS / PEFT "
-        f"| share of float32 matmul peak ({peak_gflops:.1f} GFLOP/s) |",
+        "| change | real tokens/s | peak RSS (MiB) | tokens/s / PEFT | peak RSS / PEFT | model FLOP/s: share of peak |",
         "|---|---:|---:|---:|---:|---:|",
-        f"| HF PEFT + transformers (peer) | {peft['tokens_per_s']:.0f} | {peft['peak_rss_mib']:.0f} | 1 | 1 "
-        f"| {share(peft['model_gflops'], peak_gflops)} |",
     ]
     for label, r in rows:
         speed, memory = r["tokens_per_s"] / peft["tokens_per_s"], r["peak_rss_mib"] / peft["peak_rss_mib"]
         lines.append(
             f"| {label} | {r['tokens_per_s']:.0f} | {r['peak_rss_mib']:.0f} | {speed:.2f} | {memory:.2f} "
-            f"| {share(r['model_gflops'], peak_gflops)} |"
+            f"| {peak_share(r, machine)} |"
         )
     return "\n".join(lines)
 
@@ -402,8 +440,11 @@ def changes(args: argparse.Namespace) -> dict:
         dataset.save(data_file)
         common = ["--data-file", str(data_file), "--pad-id", str(tokenizer.eos_id)]
         first = CHANGE_KEYS.index(args.changes_from)
-        for label, key in [("PEFT", "peft"), *CHANGES[first:]]:
-            worker = ["--worker", "peft"] if key == "peft" else ["--worker", "lorafit", "--change", key]
+        peers = [(PEFT_ROWS[0], "peft"), (PEFT_ROWS[1], "peft-autocast")]
+        for label, key in [*peers, *CHANGES[first:]]:
+            worker = ["--worker", "lorafit", "--change", key]
+            if key.startswith("peft"):
+                worker = ["--worker", "peft"] + (["--peft-autocast"] if key == "peft-autocast" else [])
             result = run_worker(args, Path(tmp) / f"{key}.json", worker + common)
             if result is None:
                 sys.exit(f"{label}: run failed")
@@ -411,27 +452,24 @@ def changes(args: argparse.Namespace) -> dict:
             tokens_per_s, rss = result["tokens_per_s"], result["peak_rss_mib"]
             print(f"{label}: {tokens_per_s:.0f} tokens/s, peak RSS {rss:.0f} MiB", flush=True)
             results[key] = result
-            if key != "peft":
-                rows.append((label, result))
-    print(changes_table(rows, results["peft"], args.machine["float32_gflops"]))
+            rows.append((label, result))
+    print(changes_table(rows, results["peft"], args.machine))
     setup = {"records": len(dataset), "micro_batch": MICRO_BATCH, "model_flops_per_epoch": flops}
     return {"setup": setup, "runs": results}
 
 
-def scaling_table(cells: list[dict], lengths: list[int], batches: list[int], peak_gflops: float) -> str:
-    """tokens/s, share of the float32 matmul peak and peak RSS per (max length, micro-batch) cell."""
+def scaling_table(cells: list[dict], lengths: list[int], batches: list[int], machine: dict) -> str:
+    """tokens/s, share of the matmul peak (of the precision run) and peak RSS per (max length, micro-batch) cell."""
     found = {(c["max_length"], c["micro_batch"]): c for c in cells}
-    header = " | ".join(f"batch {b}: tokens/s, share of {peak_gflops:.1f} GFLOP/s, peak RSS" for b in batches)
+    header = " | ".join(f"batch {b}: tokens/s, share of matmul peak, peak RSS" for b in batches)
     lines = [f"| max length | {header} |", "|---:|" + "---:|" * len(batches)]
     for length in lengths:
         row = []
         for batch in batches:
             cell = found[length, batch]
             ok = cell["tokens_per_s"] is not None
-            peak_share = share(cell["model_gflops"], peak_gflops) if ok else ""
-            row.append(
-                f"{cell['tokens_per_s']:.0f} tok/s, {peak_share}, {cell['peak_rss_mib']:.0f} MiB" if ok else "failed"
-            )
+            shown = f"{cell['tokens_per_s']:.0f} tok/s, {peak_share(cell, machine)}, {cell['peak_rss_mib']:.0f} MiB"
+            row.append(shown if ok else "failed")
         lines.append(f"| {length} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -453,7 +491,7 @@ def scaling(args: argparse.Namespace) -> dict:
                 cells.append(cell)
                 shown = f"{cell['tokens_per_s']:.0f} tokens/s" if result else "failed"
                 print(f"max length {length}, micro-batch {batch}: {shown}", flush=True)
-    print(scaling_table(cells, args.lengths, args.batches, args.machine["float32_gflops"]))
+    print(scaling_table(cells, args.lengths, args.batches, args.machine))
     return {"setup": {"steps": args.steps, "warmup_steps": 1}, "cells": cells}
 
 
@@ -471,9 +509,8 @@ def main() -> None:
     parser.add_argument("--scaling", action="store_true", help="lorafit alone: max length x micro-batch grid")
     parser.add_argument("--changes", action="store_true", help="PEFT, then lorafit adding one change at a time")
     parser.add_argument("--changes-from", choices=CHANGE_KEYS, default=CHANGE_KEYS[0], help="--changes: first row")
-    parser.add_argument(
-        "--change", choices=CHANGE_KEYS, default="mmap-threshold", help="lorafit run: the last change applied"
-    )
+    parser.add_argument("--change", choices=CHANGE_KEYS, default=DEFAULTS, help="lorafit run: the last change applied")
+    parser.add_argument("--peft-autocast", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--lengths", type=int_list, default=[128, 256, 512, 1024], help="--scaling max lengths")
     parser.add_argument("--batches", type=int_list, default=[1, 4, 8], help="--scaling micro-batch sizes")
     parser.add_argument("--steps", type=int, default=3, help="--scaling timed steps per cell (after 1 warm-up)")
