@@ -309,12 +309,13 @@ class LLM:
         Without a checkpoint: the adapter's base model, else the embedded default model. compile=True
         decodes through compiled_decode_step (the first answer waits for the compilation). quantize
         ("int8", "nf4", "nf4-dq") stores the block linears quantised: fewer bytes to read per token; a plain
-        checkpoint is quantised while loading, a run after its adapter is folded in.
+        checkpoint is quantised while loading, a run after its adapter is folded in. int8 quantises the LM head
+        too (a copy: a tied embedding stays float for lookups).
         """
         from lorafit.checkpoint import load_model
         from lorafit.hub import resolve_checkpoint
         from lorafit.methods import load_run
-        from lorafit.quant import load_quantized, quantize_model
+        from lorafit.quant import load_quantized, quantize_lm_head, quantize_model
         from lorafit.tokenizer import Tokenizer
 
         device = resolve_device(device)
@@ -328,6 +329,8 @@ class LLM:
             method.prepare_for_inference(model)
             if quantize:
                 quantize_model(model, quantize)  # the plain block linears; layers with an adapter of their own stay
+        if quantize == "int8":
+            quantize_lm_head(model)
         if not compile:
             use_decode_layout(model)  # the compiled step reads row-major weights best
         return cls(model, Tokenizer.from_checkpoint(path), compile)
