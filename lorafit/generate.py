@@ -227,7 +227,8 @@ def compiled_decode_step(model: LLaMA) -> Callable[..., torch.Tensor]:
     Decoding one token is matrix-vector products, bound by reading every weight once. Inductor is
     asked to emit each as a fused multiply-and-sum along the weight's rows instead of a BLAS call
     (its decompose_mm pass, allowed for any width): on 2 AVX2 cores that reads row-major float32
-    weights at about twice the bandwidth MKL reaches for one token. The position is dynamic, so one
+    weights at about twice the bandwidth MKL reaches for one token (int8 layers write their own reduction,
+    which reads the int8 codes: lorafit.quant.int8_linear). The position is dynamic, so one
     graph serves every step. The first call compiles (about a minute for SmolLM2-135M on 2 cores;
     inductor caches it on disk for later processes) and needs a C++ compiler. Weights should be
     row-major: LLM.load(compile=True) does not apply use_decode_layout.

@@ -193,15 +193,17 @@ def bf16_ceil(x: torch.Tensor) -> torch.Tensor:
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, scale_bf16: torch.Tensor) -> torch.Tensor:
     """x @ (qweight * scale[:, None]).T without materialising the float weight where that is possible.
 
-    Under torch.compile: the int8 -> float conversion and the scale are written as ops on the product, which
-    inductor fuses into the one-token matrix-vector reduction (generate.compiled_decode_step), so a step reads
-    one byte per weight. Eager on the CPU: PyTorch's fused kernel `_weight_int8pack_mm`, vectorised for bf16
-    inputs only (float32 ones take a scalar loop, 0.4 GB/s here), so float32 activations are rounded to bf16
-    for it and the (bf16) result widened again: a relative error of ~2^-9 beside int8's own ~1%. The scales
-    are bf16 values (bf16_ceil), so the bf16 copy the kernel takes is exact. Elsewhere (CUDA, float16), the
-    weight is dequantised for the call.
+    Under torch.compile, for one row (generate.compiled_decode_step): the conversion, product and sum written
+    as one reduction, which inductor emits as one loop over the int8 codes, so a step reads one byte per weight
+    (more rows, as a compiled batch would have, take the kernel below). Eager on the CPU: PyTorch's fused
+    kernel `_weight_int8pack_mm`, vectorised for bf16 inputs only (float32 ones take a scalar loop, 0.4 GB/s
+    here), so float32 activations are rounded to bf16 for it and the (bf16) result widened again: a relative
+    error of ~2^-9 beside int8's own ~1%. The scales are bf16 values (bf16_ceil), so the bf16 copy the kernel
+    takes is exact. Elsewhere (CUDA, float16), the weight is dequantised for the call.
     """
     if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
+        # The reduction itself: written as F.linear(x, qweight.to(x.dtype)), inductor's decompose_mm pass first
+        # stores the whole float weight and then reduces over it (seen in its generated code).
         return (x.unsqueeze(-2) * qweight.to(x.dtype)).sum(-1) * scale.to(x.dtype)
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
         flat = x.reshape(-1, x.size(-1)).to(torch.bfloat16)
