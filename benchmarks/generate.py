@@ -1,16 +1,26 @@
-"""Decoding speed and memory: lorafit against transformers' `generate` on the same checkpoint.
+"""Decoding speed, memory and accuracy: lorafit's weight formats (float32, bf16, int8, nf4; eager and
+compiled) against float32 eager and transformers' `generate` on the same checkpoint.
 
-    python benchmarks/generate.py [--checkpoint DIR] [--dtype float32 bfloat16] [--threads 2] [--runs 5]
+    python benchmarks/generate.py --adapter out/demo/run                 # every row, 40 demo notes each
+    python benchmarks/generate.py --adapter out/demo/run --notes 4 --runs 1 --new-tokens 32   # a smoke run
 
-All engines get the same prompt ids, dtype and thread count, decode exactly --new-tokens tokens
-greedily (no early stop), warm up once, and report the median of --runs runs. Each (engine, dtype)
-runs in its own process, so peak memory (the process's peak resident set on the CPU) is its own.
-"lorafit --compile" decodes through lorafit.generate.compiled_decode_step; its warm-up (which
-compiles, or loads inductor's on-disk cache) is timed and reported apart.
+Speed: every row gets the same prompt ids and thread count, decodes exactly --new-tokens tokens greedily (no
+early stop), warms up once and reports the median of --runs runs. Each row runs in its own process, so peak
+memory (the process's peak resident set on the CPU) is its own. The compiled rows decode through
+lorafit.generate.compiled_decode_step; their warm-up (which compiles, or loads inductor's on-disk cache) is
+timed and reported apart. Weight formats: `float32` and `bfloat16` are the model's dtype; `int8` and `nf4` keep
+the block linears quantised (lorafit.quant) and compute in float32.
 
-Beside the ratio to transformers: the bytes of weights each token reads (machine.py's
-`decode_weight_bytes`) times decode tokens/s, and that as a share of this machine's read bandwidth,
-measured by machine.py's `probe` on --threads threads before the runs.
+Bandwidth: the bytes of weights one token reads (each block linear as it is stored, the norms and the LM head;
+`weight_bytes_read`) times decode tokens/s, as a share of the read bandwidth that machine.py's `probe`
+measures on --threads threads before the runs.
+
+Accuracy: with --adapter (a LoRA run of `lorafit demo`, e.g. `lorafit demo --out out/demo` then `--adapter
+out/demo/run`), each lorafit row merges the adapter into its base before quantising, answers the first
+--notes of the demo's held-out contact notes greedily through the same decode path it was timed on (one note
+at a time), and is scored as the demo scores (lorafit.data.demo_task.score: exact match), and by how many
+answers equal the float32 eager row's. Without --adapter those columns are left out. The speed runs use the
+same merged model, whose shapes are the base model's.
 """
 
 from __future__ import annotations
@@ -28,7 +38,9 @@ import torch
 from machine import decode_weight_bytes, describe, probe
 
 ENGINES = ("transformers", "lorafit", "lorafit --compile")
+WEIGHTS = ("float32", "bfloat16", "int8", "nf4")
 PROMPT = "Explain in a few paragraphs why the sky is blue and why sunsets are red."
+NOTE_TOKENS = 80  # the demo's max_new_tokens for an answer
 
 
 def main() -> None:
@@ -38,31 +50,29 @@ def main() -> None:
         return
     from lorafit.hub import resolve_checkpoint
 
-    checkpoint = resolve_checkpoint(args.checkpoint)
+    checkpoint = resolve_checkpoint(args.checkpoint or base_of(args.adapter))
+    if args.adapter is None:
+        print(
+            "no --adapter: the exact-match columns need a finetuned demo adapter; make one with "
+            "`lorafit demo --out out/demo` and pass --adapter out/demo/run",
+            file=sys.stderr,
+        )
     machine = probe(args.threads)
     print(f"machine: {describe(machine)}", file=sys.stderr, flush=True)
     results = []
-    for dtype in args.dtype:
-        for engine in ENGINES:
-            command = [
-                sys.executable,
-                __file__,
-                "--worker",
-                engine,
-                "--checkpoint",
-                str(checkpoint),
-                "--dtype",
-                dtype,
-                "--threads",
-                str(args.threads),
-                "--runs",
-                str(args.runs),
-                "--new-tokens",
-                str(args.new_tokens),
-            ]
-            print(f"running {engine} {dtype} ...", file=sys.stderr, flush=True)
-            out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
-            results.append(json.loads(out.strip().splitlines()[-1]))
+    for engine, weights in rows(args):
+        command = [sys.executable, __file__, "--worker", engine, "--weights", weights, "--checkpoint", str(checkpoint)]
+        command += ["--threads", str(args.threads), "--runs", str(args.runs), "--new-tokens", str(args.new_tokens)]
+        if args.adapter and engine != "transformers":
+            command += ["--adapter", str(args.adapter), "--notes", str(args.notes)]
+        print(f"running {engine} {weights} ...", file=sys.stderr, flush=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode == 0:
+            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        else:  # e.g. nf4 under torch.compile: the row says why, the others still run
+            error = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            print(f"  failed: {error}", file=sys.stderr, flush=True)
+            results.append({"engine": engine, "weights": weights, "error": error, "answers": []})
     print(table(results, checkpoint, args, machine))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "results": results}, indent=2))
@@ -70,50 +80,104 @@ def main() -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", help="checkpoint directory, name or HF repo id (default: the default model)")
-    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--checkpoint", help="checkpoint directory, name or HF repo id (default: the adapter's base)")
+    parser.add_argument("--adapter", type=Path, help="a `lorafit demo` LoRA run (its run/ directory) for exact match")
+    parser.add_argument("--notes", type=int, default=40, help="held-out demo notes to answer per row (0: none)")
+    parser.add_argument("--weights", nargs="+", default=list(WEIGHTS), choices=WEIGHTS)
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads")
     parser.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up; the median is reported")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.notes < 0:
+        parser.error(f"--notes must be >= 0, got {args.notes}")
+    if args.adapter is not None and not (args.adapter / "lorafit_run.json").is_file():
+        parser.error(f"--adapter {args.adapter}: no lorafit_run.json there (pass the run/ directory of `lorafit demo`)")
+    return args
+
+
+def base_of(adapter: Path | None) -> str | None:
+    """The base checkpoint a lorafit run recorded (None without a run: the default model)."""
+    if adapter is None:
+        return None
+    return json.loads((adapter / "lorafit_run.json").read_text())["base_checkpoint"]
+
+
+def rows(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(engine, weights) pairs to run: float32 eager lorafit first (the others' reference); transformers in float32
+    and bf16 only."""
+    chosen = [(e, w) for w in args.weights for e in args.engines if e != "transformers" or w in ("float32", "bfloat16")]
+    reference = ("lorafit", "float32")
+    return sorted(chosen, key=lambda row: row != reference)
 
 
 def run_worker(args: argparse.Namespace) -> dict:
-    """Warm up, then time --runs generations of one engine; the medians as a dict."""
+    """Warm up, then time --runs generations of one row; the medians (and the notes' answers) as a dict."""
     from lorafit.runtime import peak_memory_bytes
     from lorafit.tokenizer import Tokenizer
 
     torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype[0])
+    weights = args.weights[0]
     prompt_ids = Tokenizer.from_checkpoint(args.checkpoint).encode(PROMPT)
+    compile = args.worker == "lorafit --compile"
+    answers: list[str] = []
     if args.worker == "transformers":
-        run = hf_runner(args.checkpoint, dtype)
+        run, weight_bytes = hf_runner(args.checkpoint, getattr(torch, weights))
     else:
-        run = lorafit_runner(args.checkpoint, dtype, compile=args.worker == "lorafit --compile")
+        llm = load_lorafit(args.checkpoint, args.adapter, weights, compile)
+        run, weight_bytes = lorafit_runner(llm.model, compile), weight_bytes_read(llm.model)
     started = time.perf_counter()
     run(prompt_ids, args.new_tokens)  # warm-up
     warmup_s = time.perf_counter() - started
     timings = [run(prompt_ids, args.new_tokens) for _ in range(args.runs)]
+    if args.worker != "transformers" and args.adapter is not None and args.notes:
+        answers = answer_notes(llm, args.notes)
     return {
         "engine": args.worker,
-        "dtype": args.dtype[0],
+        "weights": weights,
         "threads": args.threads,
         "prompt_tokens": len(prompt_ids),
         "new_tokens": args.new_tokens,
+        "weight_bytes": weight_bytes,
         "warmup_s": warmup_s,
         "time_to_first_token_s": statistics.median(t[0] for t in timings),
         "decode_tokens_per_s": statistics.median(t[1] for t in timings),
         "peak_memory_bytes": peak_memory_bytes("cpu"),
+        "answers": answers,
     }
 
 
-def lorafit_runner(checkpoint: str, dtype: torch.dtype, compile: bool):
-    """A function (prompt_ids, n) -> (time to first token, decode tokens/s) using lorafit."""
-    from lorafit.generate import LLM, GenerationStats, generate
+def load_lorafit(checkpoint: str, adapter: Path | None, weights: str, compile: bool):
+    """An LLM in the row's weight format: a dtype, or int8/nf4 block linears computing in float32."""
+    from lorafit.generate import LLM
 
-    model = LLM.load(checkpoint, dtype=dtype, device="cpu", compile=compile).model
+    quantize = weights if weights in ("int8", "nf4") else None
+    dtype = torch.float32 if quantize else getattr(torch, weights)
+    return LLM.load(checkpoint, adapter, dtype=dtype, device="cpu", compile=compile, quantize=quantize)
+
+
+def weight_bytes_read(model: torch.nn.Module) -> int:
+    """Bytes of weights one decoded token reads: every linear as stored (quantised ones: codes and constants),
+    the norms and the LM head (the embedding when tied); the embedding's one row and the KV cache aside."""
+    from lorafit.model import RMSNorm
+    from lorafit.quant import QuantizedLinear
+
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            total += module.nbytes
+        elif isinstance(module, torch.nn.Linear | RMSNorm) and module.weight.data_ptr() not in seen:
+            seen.add(module.weight.data_ptr())
+            total += module.weight.numel() * module.weight.element_size()
+    return total
+
+
+def lorafit_runner(model, compile: bool):
+    """A function (prompt_ids, n) -> (time to first token, decode tokens/s) using lorafit."""
+    from lorafit.generate import GenerationStats, generate
 
     def run(prompt_ids: list[int], n: int) -> tuple[float, float]:
         stats = GenerationStats()
@@ -122,6 +186,32 @@ def lorafit_runner(checkpoint: str, dtype: torch.dtype, compile: bool):
         return stats.time_to_first_token_s, stats.decode_tokens_per_s
 
     return run
+
+
+def demo_notes(n: int) -> list[dict[str, str]]:
+    """The first n of `lorafit demo`'s held-out note records (its default seed and sizes)."""
+    from lorafit.data.demo_task import make_contact_notes, split
+    from lorafit.demo import DemoConfig
+
+    config = DemoConfig()
+    records = make_contact_notes(config.n_train + config.n_val + config.n_test, seed=config.seed)
+    return split(records, config.n_test)[1][:n]
+
+
+def answer_notes(llm, n: int) -> list[str]:
+    """Greedy answers to the first n held-out demo notes, one at a time through the row's decode path."""
+    from lorafit.data import encode_record
+    from lorafit.evaluate import prompt_and_reference
+    from lorafit.generate import generate
+
+    tokenizer, stop = llm.tokenizer, llm.tokenizer.stop_ids
+    answers = []
+    for record in demo_notes(n):
+        input_ids, labels, _ = encode_record(record, tokenizer, "chat", 2048)
+        prompt, _ = prompt_and_reference(torch.tensor(input_ids), torch.tensor(labels))
+        ids = list(generate(llm.model, prompt, NOTE_TOKENS, stop_ids=stop, compiled=llm.compile))
+        answers.append(tokenizer.decode([t for t in ids if t not in stop], skip_special_tokens=True))
+    return answers
 
 
 class _Clock:
@@ -138,8 +228,11 @@ class _Clock:
 
 
 def hf_runner(checkpoint: str, dtype: torch.dtype):
-    """A function (prompt_ids, n) -> (time to first token, decode tokens/s) using transformers' generate."""
+    """(A function (prompt_ids, n) -> (time to first token, decode tokens/s) using transformers' generate, and the
+    bytes of weights a token reads)."""
     import transformers
+
+    from lorafit.checkpoint import load_config
 
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).eval()
 
@@ -160,33 +253,62 @@ def hf_runner(checkpoint: str, dtype: torch.dtype):
         first, last = clock.times[1], clock.times[-1]
         return first - start, (n - 1) / (last - first)
 
-    return run
+    return run, decode_weight_bytes(load_config(Path(checkpoint)), dtype.itemsize)
 
 
 def table(results: list[dict], checkpoint: Path, args: argparse.Namespace, machine: dict) -> str:
-    """The results as a Markdown table: the lorafit/transformers decode ratio and the share of read bandwidth."""
-    from lorafit.checkpoint import load_config
+    """The results as a Markdown table: ratios to lorafit float32 eager and transformers, bandwidth share, accuracy."""
+    from lorafit.data.demo_task import score
 
-    config = load_config(checkpoint)
-    base = {r["dtype"]: r["decode_tokens_per_s"] for r in results if r["engine"] == "transformers"}
+    by_row = {(r["engine"], r["weights"]): r for r in results if "error" not in r}
+    reference = by_row.get(("lorafit", "float32"))
     bandwidth = machine["read_gb_per_s"]
+    notes = [r for r in results if r["answers"]]
+    references = [record["output"] for record in demo_notes(len(notes[0]["answers"]))] if notes else []
+    header = (
+        "| engine | weights | warm-up | time to first token | decode tokens/s | peak memory | vs float32 eager "
+        f"| vs transformers | weight GB/token | weight GB/s | share of {bandwidth:.1f} GB/s read |"
+    )
+    if references:
+        header += f" exact match (n={len(references)}) | same answer as float32 eager |"
     lines = [
-        f"Decoding {args.new_tokens} tokens greedily from {checkpoint.name}, {args.threads} threads, "
-        f"median of {args.runs} runs ({date.today()}). Machine: {describe(machine)}.",
+        f"Decoding {args.new_tokens} tokens greedily from {checkpoint.name}"
+        + (f" + {args.adapter}" if args.adapter else "")
+        + f", {args.threads} threads, median of {args.runs} runs ({date.today()}). Machine: {describe(machine)}.",
         "",
-        "| engine | dtype | warm-up | time to first token | decode tokens/s | peak memory | vs transformers "
-        f"| weight GB/s | share of {bandwidth:.1f} GB/s read |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        header,
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if references else ""),
     ]
     for r in results:
-        ratio = r["decode_tokens_per_s"] / base[r["dtype"]] if r["dtype"] in base else float("nan")
-        weight_bytes = decode_weight_bytes(config, getattr(torch, r["dtype"]).itemsize)
-        streamed = weight_bytes * r["decode_tokens_per_s"] / 1e9
-        lines.append(
-            f"| {r['engine']} | {r['dtype']} | {r['warmup_s']:.1f} s | {r['time_to_first_token_s'] * 1000:.0f} ms | "
-            f"{r['decode_tokens_per_s']:.1f} | {r['peak_memory_bytes'] / 2**30:.2f} GiB | {ratio:.2f}x "
-            f"| {streamed:.1f} | {streamed / bandwidth:.0%} |"
-        )
+        if "error" in r:
+            lines.append(f"| {r['engine']} | {r['weights']} | failed: {r['error'][:150]} |")
+            continue
+        speed = r["decode_tokens_per_s"]
+        hf = by_row.get(("transformers", r["weights"]))
+        streamed = r["weight_bytes"] * speed / 1e9
+        cells = [
+            r["engine"],
+            r["weights"],
+            f"{r['warmup_s']:.1f} s",
+            f"{r['time_to_first_token_s'] * 1000:.0f} ms",
+            f"{speed:.1f}",
+            f"{r['peak_memory_bytes'] / 2**30:.2f} GiB",
+            f"{speed / reference['decode_tokens_per_s']:.2f}x" if reference else "-",
+            f"{speed / hf['decode_tokens_per_s']:.2f}x" if hf else "-",
+            f"{r['weight_bytes'] / 1e9:.3f}",
+            f"{streamed:.1f}",
+            f"{streamed / bandwidth:.0%}",
+        ]
+        if references:
+            if r["answers"]:
+                exact = round(score(r["answers"], references)["exact_match"] * len(references))
+                cells.append(f"{exact}/{len(references)}")
+                same = reference is not None and reference["answers"]
+                agree = sum(a == b for a, b in zip(r["answers"], reference["answers"], strict=True)) if same else None
+                cells.append("-" if agree is None else f"{agree}/{len(references)}")
+            else:
+                cells += ["-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

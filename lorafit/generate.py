@@ -227,7 +227,8 @@ def compiled_decode_step(model: LLaMA) -> Callable[..., torch.Tensor]:
     Decoding one token is matrix-vector products, bound by reading every weight once. Inductor is
     asked to emit each as a fused multiply-and-sum along the weight's rows instead of a BLAS call
     (its decompose_mm pass, allowed for any width): on 2 AVX2 cores that reads row-major float32
-    weights at about twice the bandwidth MKL reaches for one token. The position is dynamic, so one
+    weights at about twice the bandwidth MKL reaches for one token (int8 layers write their own reduction,
+    which reads the int8 codes: lorafit.quant.int8_linear). The position is dynamic, so one
     graph serves every step. The first call compiles (about a minute for SmolLM2-135M on 2 cores;
     inductor caches it on disk for later processes) and needs a C++ compiler. Weights should be
     row-major: LLM.load(compile=True) does not apply use_decode_layout.
@@ -309,12 +310,13 @@ class LLM:
         Without a checkpoint: the adapter's base model, else the embedded default model. compile=True
         decodes through compiled_decode_step (the first answer waits for the compilation). quantize
         ("int8", "nf4", "nf4-dq") stores the block linears quantised: fewer bytes to read per token; a plain
-        checkpoint is quantised while loading, a run after its adapter is folded in.
+        checkpoint is quantised while loading, a run after its adapter is folded in. int8 quantises the LM head
+        too (a copy: a tied embedding stays float for lookups).
         """
         from lorafit.checkpoint import load_model
         from lorafit.hub import resolve_checkpoint
         from lorafit.methods import load_run
-        from lorafit.quant import load_quantized, quantize_model
+        from lorafit.quant import load_quantized, quantize_lm_head, quantize_model
         from lorafit.tokenizer import Tokenizer
 
         device = resolve_device(device)
@@ -328,6 +330,8 @@ class LLM:
             method.prepare_for_inference(model)
             if quantize:
                 quantize_model(model, quantize)  # the plain block linears; layers with an adapter of their own stay
+        if quantize == "int8":
+            quantize_lm_head(model)
         if not compile:
             use_decode_layout(model)  # the compiled step reads row-major weights best
         return cls(model, Tokenizer.from_checkpoint(path), compile)

@@ -12,7 +12,12 @@ here (benchmarks/quant_choice.py). int8 is plain PyTorch.
 
 As in the QLoRA paper and PEFT/transformers (which keep `lm_head` and every nn.Embedding in full precision),
 only the linear layers inside the blocks are quantised: the token embedding, the LM head (tied or not) and the
-norms stay in the model's dtype.
+norms stay in the model's dtype. For int8 inference (`LLM.load(quantize="int8")`) the LM head gets an int8 copy
+too (`quantize_lm_head`), the largest matrix a decoded token reads.
+
+Decoding int8: eager on the CPU through PyTorch's fused kernel `_weight_int8pack_mm`, compiled through inductor
+as one reduction per layer reading the int8 codes (`int8_linear`); see benchmarks/generate.py for what each
+reaches.
 """
 
 from __future__ import annotations
@@ -88,9 +93,10 @@ class QuantizedLinear(nn.Module):
         out_features, in_features = weight.shape
         layer = cls(in_features, out_features, scheme, weight.dtype)
         if scheme == "int8":
-            scale = weight.float().abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+            scale = bf16_ceil(weight.float().abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127)
             layer.register_buffer("qweight", torch.round(weight.float() / scale[:, None]).to(torch.int8))
             layer.register_buffer("scale", scale)
+            layer.register_buffer("scale_bf16", scale.to(torch.bfloat16), persistent=False)
         else:
             functional = _bitsandbytes().functional
             q, state = functional.quantize_4bit(
@@ -150,7 +156,10 @@ class QuantizedLinear(nn.Module):
         return flat.reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _DequantizedLinear.apply(x, self)
+        if self.scheme == "int8" and not (torch.is_grad_enabled() and x.requires_grad):
+            out = int8_linear(x, self.qweight, self.scale, self.scale_bf16)
+        else:
+            out = _DequantizedLinear.apply(x, self)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def extra_repr(self) -> str:
@@ -177,6 +186,34 @@ class _DequantizedLinear(torch.autograd.Function):
         return grad @ ctx.layer.dequantize(grad.dtype), None
 
 
+def bf16_ceil(x: torch.Tensor) -> torch.Tensor:
+    """Each positive float32 rounded up to the nearest bfloat16 value (kept in float32, so exact in both)."""
+    bits = x.float().contiguous().view(torch.int32)
+    return ((bits + 0xFFFF) & ~0xFFFF).view(torch.float32)
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, scale_bf16: torch.Tensor) -> torch.Tensor:
+    """x @ (qweight * scale[:, None]).T without materialising the float weight where that is possible.
+
+    Under torch.compile, for one row (generate.compiled_decode_step): the conversion, product and sum written
+    as one reduction, which inductor emits as one loop over the int8 codes, so a step reads one byte per weight
+    (more rows, as a compiled batch would have, take the kernel below). Eager on the CPU: PyTorch's fused
+    kernel `_weight_int8pack_mm`, vectorised for bf16 inputs only (float32 ones take a scalar loop, 0.4 GB/s
+    here), so float32 activations are rounded to bf16 for it and the (bf16) result widened again: a relative
+    error of ~2^-9 beside int8's own ~1%. The scales are bf16 values (bf16_ceil), so the bf16 copy the kernel
+    takes is exact. Elsewhere (CUDA, float16), the weight is dequantised for the call.
+    """
+    if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
+        # The reduction itself: written as F.linear(x, qweight.to(x.dtype)), inductor's decompose_mm pass first
+        # stores the whole float weight and then reduces over it (seen in its generated code).
+        return (x.unsqueeze(-2) * qweight.to(x.dtype)).sum(-1) * scale.to(x.dtype)
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+        flat = x.reshape(-1, x.size(-1)).to(torch.bfloat16)
+        out = torch.ops.aten._weight_int8pack_mm(flat, qweight, scale_bf16)
+        return out.to(x.dtype).reshape(*x.shape[:-1], qweight.size(0))
+    return F.linear(x, (qweight.to(x.dtype) * scale.to(x.dtype)[:, None]))
+
+
 def is_block_linear(name: str) -> bool:
     """Whether a module (or its `.weight`) name is one of the linear layers inside a block."""
     parts = name.removesuffix(".weight").split(".")
@@ -196,6 +233,19 @@ def quantize_model(model: nn.Module, scheme: str) -> int:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, QuantizedLinear.from_weight(linear.weight, scheme, linear.bias))
     return len(chosen)
+
+
+def quantize_lm_head(model: nn.Module) -> None:
+    """For int8 inference: give the model an int8 LM head of its own, in place.
+
+    At 49152 x 576 SmolLM2-135M's head is a fifth of the float32 bytes a token reads, the largest single one;
+    in int8 a token reads a quarter of them. A tied embedding stays as it is (a lookup reads one row of it),
+    so the int8 copy adds a quarter of the head's bytes to memory. Not for training: QLoRA's head stays float.
+    """
+    head = model.lm_head
+    if type(head) is not nn.Linear or head.weight.is_meta:
+        raise QuantizationError("the LM head is not a loaded nn.Linear; load the model before quantising its head")
+    model.lm_head = QuantizedLinear.from_weight(head.weight, "int8", head.bias)
 
 
 @torch.no_grad()

@@ -62,6 +62,42 @@ def test_compiled_decoding_equals_eager_and_uses_reductions():
     assert counters["inductor"]["decompose_mm"] >= 8
 
 
+def test_int8_greedy_decoding_picks_what_its_own_recomputation_picks():
+    """With int8 block linears (the fused kernel, one row per step), cached decoding chooses each token as a
+    cache-free int8 forward does."""
+    from lorafit.quant import quantize_model
+
+    _, model = conftest.make_pair()  # untied: its greedy tokens vary, unlike the tied model's
+    assert quantize_model(model, "int8") == 14
+    tokens = list(generate(model, PROMPT, max_new_tokens=12))
+    assert len(set(tokens)) > 3
+    model.clear_kv_cache()
+    seq = list(PROMPT)
+    with torch.no_grad():
+        for expected in tokens:
+            assert int(model(torch.tensor([seq]))[0, -1].argmax()) == expected
+            seq.append(expected)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="torch.compile needs a C++ compiler")
+def test_compiled_int8_decoding_equals_eager_int8():
+    """The compiled step gives eager int8's tokens, its block linears written as int8 reductions (lorafit.quant's
+    int8_linear), not matrix products over a float copy of the weight: only the LM head is an mm to rewrite."""
+    from torch._dynamo.utils import counters
+
+    from lorafit.quant import quantize_model
+
+    _, model = conftest.make_pair()
+    quantize_model(model, "int8")
+    eager = list(generate(model, PROMPT, max_new_tokens=10))
+    counters.clear()
+    compiled = list(generate(model, PROMPT, max_new_tokens=10, compiled=True))
+    assert compiled == eager and len(set(eager)) > 3
+    # One graph (as in the float32 test, whose eight products are each rewritten once): the LM head's alone.
+    assert counters["inductor"]["decompose_mm"] == 1
+
+
 def test_generation_stops_after_a_stop_id():
     _, model = make_pair()
     free = list(generate(model, PROMPT, max_new_tokens=15))

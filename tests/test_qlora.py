@@ -115,10 +115,10 @@ def test_quantize_is_refused_where_it_cannot_serve(tiny_checkpoint, tmp_path, ca
 
 @pytest.mark.parametrize("scheme", ["int8", "nf4"])
 def test_generate_over_a_quantised_base_agrees_with_float32(tiny_checkpoint, tmp_path, scheme):
-    """--quantize for inference: the block linears quantised (a run's adapter folded in first)."""
+    """--quantize for inference: the block linears quantised (a run's adapter folded in first), int8's LM head too."""
     full = LLM.load(tiny_checkpoint)
     quantized = LLM.load(tiny_checkpoint, quantize=scheme)
-    assert len(quantized_linears(quantized.model)) == 14
+    assert len(quantized_linears(quantized.model)) == 14 + (scheme == "int8")
     ids = torch.tensor([[1, 20, 31, 44, 7, 9, 100, 3]])
     with torch.no_grad():
         error = (quantized.model(ids) - full.model(ids)).abs().max() / full.model(ids).abs().max()

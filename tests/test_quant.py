@@ -34,6 +34,7 @@ from lorafit.quant import (
     check_scheme,
     dequantize_model,
     load_quantized,
+    quantize_lm_head,
     quantize_model,
     quantized_linears,
     stored_bytes,
@@ -112,7 +113,61 @@ def test_quantized_linear_is_within_the_schemes_error_bound(scheme, shape):
     assert error.max() > 0.3 * bound.max()  # the bound is not vacuous
     x = torch.randn(5, shape[1], generator=torch.Generator().manual_seed(1))
     out_error = (layer(x) - F.linear(x, w)).abs()
+    if scheme == "int8":  # the CPU kernel rounds the input and the output to bf16 (2^-9 relative each)
+        bound = bound + 2**-8 * layer.dequantize().abs()
     assert torch.all(out_error <= x.abs() @ bound.t() + 1e-6)
+
+
+def test_int8_scales_are_bf16_values_that_cover_each_row():
+    """The kernel takes its scales in bf16: each float32 scale is a bf16 value, at least its row's absmax / 127."""
+    w = weight((96, 64))
+    layer = QuantizedLinear.from_weight(w, "int8")
+    assert torch.equal(layer.scale_bf16.float(), layer.scale)
+    absmax_scale = w.abs().amax(1) / 127
+    assert torch.all(layer.scale >= absmax_scale) and torch.all(layer.scale <= absmax_scale * (1 + 2**-7))
+    assert layer.qweight.abs().max() == 127
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [(1, 1), (3, 5)])
+def test_int8_linear_is_the_product_with_the_dequantized_weight(monkeypatch, dtype, rows):
+    """Inference's int8 paths against x @ dequantised(W).T (bias included): the fused CPU kernel (bf16 rounding of
+    its input and output, nothing more), the form the compiled step uses (float tolerance), the autograd path."""
+    w = weight((96, 64))
+    layer = QuantizedLinear.from_weight(w.to(dtype), "int8", bias=torch.randn(96) * 0.1)
+    x = torch.randn(*rows, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    deq = layer.dequantize(torch.float32)
+    with torch.no_grad():
+        kernel = layer(x)
+        reference = x.float() @ deq.t() + layer.bias.float()
+        # The kernel's own contract: exactly the float32 product of the bf16-rounded input, rounded to bf16.
+        rounded = (x.to(torch.bfloat16).float() @ deq.t()).to(torch.bfloat16).float() + layer.bias.float()
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        compiled_form = layer(x)
+        monkeypatch.undo()
+    assert kernel.dtype == dtype and kernel.shape == (*rows, 96)
+    torch.testing.assert_close(kernel.float(), rounded, atol=1e-6, rtol=2**-8 if dtype == torch.bfloat16 else 1e-6)
+    torch.testing.assert_close(kernel.float(), reference, atol=2e-3, rtol=2**-7)
+    # In float32 the other paths are float-exact; in bf16 they round like any bf16 product.
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-3, "rtol": 2**-7}
+    if rows == (1, 1):  # the reduction form is for one row only
+        torch.testing.assert_close(compiled_form.float(), reference, **tolerance)
+    grad_path = layer(x.requires_grad_())  # training's: the dequantised weight, in x's dtype
+    torch.testing.assert_close(grad_path.float(), reference, **tolerance)
+
+
+def test_int8_inference_quantizes_the_lm_head_and_keeps_the_tied_embedding(tiny_checkpoint):
+    from lorafit.generate import LLM
+
+    llm = LLM.load(tiny_checkpoint, quantize="int8", device="cpu")
+    assert isinstance(llm.model.lm_head, QuantizedLinear) and llm.model.lm_head.scheme == "int8"
+    assert len(quantized_linears(llm.model)) == 2 * 7 + 1
+    model = LLaMA(Config.from_name("SmolLM2-135M", n_layer=1))  # tied
+    embedding = model.embed_tokens.weight.detach().clone()
+    quantize_model(model, "int8")
+    quantize_lm_head(model)
+    assert torch.equal(model.embed_tokens.weight, embedding) and model.embed_tokens.weight.dtype == torch.float32
+    assert torch.equal(model.lm_head.dequantize(), QuantizedLinear.from_weight(embedding, "int8").dequantize())
 
 
 @pytest.mark.parametrize("scheme, ratio", [("nf4", 0.15), ("nf4-dq", 0.15), ("int8", 0.26)])
