@@ -280,6 +280,20 @@ class TextStreamer:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
 
+def prepare_for_decoding(model: LLaMA, quantize: str | None, compile: bool) -> None:
+    """What generate, chat and serve do to a loaded model before decoding with it, in place.
+
+    int8 gives the model an int8 LM head too (the largest matrix a token reads); eager decoding on the CPU
+    reads column-major weights faster, the compiled step row-major ones.
+    """
+    from lorafit.quant import quantize_lm_head
+
+    if quantize == "int8":
+        quantize_lm_head(model)
+    if not compile:
+        use_decode_layout(model)
+
+
 class LLM:
     """A loaded model and tokenizer, ready to answer prompts: `lorafit.load().generate("Hi")`.
 
@@ -316,7 +330,7 @@ class LLM:
         from lorafit.checkpoint import load_model
         from lorafit.hub import resolve_checkpoint
         from lorafit.methods import load_run
-        from lorafit.quant import load_quantized, quantize_lm_head, quantize_model
+        from lorafit.quant import load_quantized, quantize_model
         from lorafit.tokenizer import Tokenizer
 
         device = resolve_device(device)
@@ -330,10 +344,7 @@ class LLM:
             method.prepare_for_inference(model)
             if quantize:
                 quantize_model(model, quantize)  # the plain block linears; layers with an adapter of their own stay
-        if quantize == "int8":
-            quantize_lm_head(model)
-        if not compile:
-            use_decode_layout(model)  # the compiled step reads row-major weights best
+        prepare_for_decoding(model, quantize, compile)
         return cls(model, Tokenizer.from_checkpoint(path), compile)
 
     def prompt_ids(self, prompt: str | list[dict[str, str]], chat: bool = False) -> list[int]:

@@ -60,9 +60,10 @@ def build_app(
     """
     require_serve_extra()
     from lorafit.checkpoint import load_model
+    from lorafit.generate import prepare_for_decoding
     from lorafit.hub import DEFAULT_MODEL, resolve_checkpoint
     from lorafit.quant import load_quantized
-    from lorafit.runtime import resolve_device, resolve_dtype, use_decode_layout
+    from lorafit.runtime import resolve_device, resolve_dtype
     from lorafit.serve.adapters import AdapterStore
     from lorafit.serve.app import ServeSettings, create_app
     from lorafit.tokenizer import Tokenizer
@@ -74,14 +75,12 @@ def build_app(
     path = resolve_checkpoint(checkpoint)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    # As LLM.load (generate, chat) loads it: block linears quantised while loading, column-major weights on the
-    # CPU unless compiled (the compiled step reads row-major weights best).
+    # As LLM.load (generate, chat) loads it: block linears quantised while loading, then made ready for decoding.
     if quantize:
         model = load_quantized(path, quantize, torch_dtype, torch_device)
     else:
         model = load_model(path, dtype=torch_dtype, device=torch_device)
-    if torch_device.type == "cpu" and not compile:
-        use_decode_layout(model)
+    prepare_for_decoding(model, quantize, compile)
     tokenizer = Tokenizer.from_checkpoint(path)
     max_model_len = min(max_model_len, model.config.block_size)
     store = AdapterStore(model, max_loaded_adapters, adapter_dir, allow_any_adapter_path)
