@@ -377,7 +377,7 @@ def add_model_arguments(leaf: Leaf) -> None:
     leaf.add("--device", default=None, help="cpu or cuda (unset: cuda when available)")
     from lorafit.quant import SCHEMES
 
-    quantize_help = "keep the block linears quantised: fewer bytes per token (nf4 needs lorafit[quant])"
+    quantize_help = "keep the block linears (int8: the LM head too) quantised: fewer bytes per token (nf4: [quant])"
     leaf.add("--quantize", default=None, choices=SCHEMES, help=quantize_help)
     compile_help = "decode through a torch.compile'd step: faster on CPU after a one-time compile of about a minute"
     leaf.add("--compile", action="store_true", help=compile_help)
@@ -519,7 +519,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[tuple[str, str | None]
     cmd.add("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weight dtype")
     from lorafit.quant import SCHEMES
 
-    quantize_help = "hold the base's block linears quantised (needed to serve QLoRA runs; nf4 needs lorafit[quant])"
+    quantize_help = "hold the block linears (int8: the LM head too) quantised; QLoRA runs need it (nf4: lorafit[quant])"
     cmd.add("--quantize", default=None, choices=SCHEMES, help=quantize_help)
     compile_help = "compile the batched decode step with torch.compile at start (/health says 503 until done)"
     cmd.add("--compile", action="store_true", help=compile_help)
