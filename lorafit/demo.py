@@ -34,6 +34,7 @@ class DemoConfig:
     lora_r: int = 16
     lora_alpha: float = 32
     lora_targets: str = "all"
+    lora_dropout: float = 0.05
     learning_rate: float = 2e-3
     micro_batch_size: int = 4
     global_batch_size: int = 8
@@ -43,6 +44,25 @@ class DemoConfig:
     @classmethod
     def quick(cls) -> DemoConfig:
         return cls(n_train=64, n_val=8, n_test=12)
+
+    def training(self) -> TrainConfig:
+        """The training loop's settings for this recipe: one epoch, validation four times, no checkpoints."""
+        return TrainConfig(
+            epochs=1,
+            micro_batch_size=self.micro_batch_size,
+            global_batch_size=self.global_batch_size,
+            learning_rate=self.learning_rate,
+            warmup_steps=self.warmup_steps,
+            eval_interval=max(1, self.n_train // self.global_batch_size // 4),
+            eval_batches=0,
+            save_interval=0,
+            max_seq_length=256,
+            seed=self.seed,
+        )
+
+    def lora(self) -> LoRAConfig:
+        """The LoRA settings for this recipe."""
+        return LoRAConfig(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=self.lora_targets)
 
 
 def run_demo(out_dir: str | Path = "out/demo", config: DemoConfig | None = None) -> dict:
@@ -73,26 +93,13 @@ def run_demo(out_dir: str | Path = "out/demo", config: DemoConfig | None = None)
 
     print("\n[2/3] LoRA finetuning")
     run_dir = out_dir / "run"
-    train_config = TrainConfig(
-        epochs=1,
-        micro_batch_size=cfg.micro_batch_size,
-        global_batch_size=cfg.global_batch_size,
-        learning_rate=cfg.learning_rate,
-        warmup_steps=cfg.warmup_steps,
-        eval_interval=max(1, cfg.n_train // cfg.global_batch_size // 4),
-        eval_batches=0,
-        save_interval=0,
-        max_seq_length=256,
-        seed=cfg.seed,
-    )
-    lora = LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets)
     result = finetune(
         "lora",
         out_dir / "notes_train.json",
         run_dir,
         checkpoint,
-        train_config,
-        lora,
+        cfg.training(),
+        cfg.lora(),
         DataOptions(prompt_style=style, val_size=cfg.n_val),
         overwrite=True,
     )

@@ -123,3 +123,18 @@ def test_demo_evaluates_on_exactly_the_training_prompts_and_targets(default_chec
         assert prompt == tokenizer.encode(format_prompt(note["instruction"], note["input"], "chat", tokenizer))
         assert reference[-1] in tokenizer.stop_ids  # the end-of-turn token is supervised: the model learns to stop
         assert tokenizer.decode(reference, skip_special_tokens=True) == note["output"]
+
+
+def test_demo_recipe_reaches_the_training_loop_and_lora():
+    """Every recipe field of DemoConfig is what finetune gets; the README's run is 40 optimizer steps."""
+    from lorafit.demo import DemoConfig
+    from lorafit.train import total_steps
+
+    cfg = DemoConfig(seed=3)
+    train, lora = cfg.training(), cfg.lora()
+    assert (train.epochs, train.micro_batch_size, train.global_batch_size) == (1, 4, 8)
+    assert (train.learning_rate, train.warmup_steps, train.seed) == (2e-3, 2, 3)
+    assert (lora.r, lora.alpha, lora.dropout) == (16, 32, 0.05)
+    assert lora.targets == ("q", "k", "v", "o", "gate", "up", "down")
+    assert total_steps(train, cfg.n_train) == 40
+    assert DemoConfig(lora_dropout=0.0).lora().dropout == 0.0
