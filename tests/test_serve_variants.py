@@ -61,10 +61,12 @@ def make_dora_adapter(base: Path, out: Path, seed: int, quantize: str | None = N
 def quantized_reference(base: Path, scheme: str, adapter: Path | None, prompt: str, n: int) -> list[int]:
     """Greedy tokens of the base quantised as `lorafit generate --quantize` loads it, with a LoRA adapter unmerged
     beside it: what a server started with --quantize computes for a plain LoRA adapter."""
+    from lorafit.generate import prepare_for_decoding
     from lorafit.quant import load_quantized
     from lorafit.tokenizer import Tokenizer
 
     model = load_quantized(base, scheme).eval()
+    prepare_for_decoding(model, scheme, compile=False)  # as the server does (int8: the LM head too)
     if adapter is not None:
         get_method("lora").load(model, adapter)
     llm = LLM(model, Tokenizer.from_checkpoint(base))
