@@ -88,6 +88,17 @@ def ask_all(live: LiveServer, jobs: list[tuple[str, str, int]]) -> list[list[int
         return list(pool.map(ask, jobs))
 
 
+def serve_together(app, models: tuple[str, ...]) -> tuple[list[tuple[str, str, int]], list[list[int]], int]:
+    """Start `app`, send two prompts for every model at once (16 tokens each), stop it: jobs, answers, and the
+    largest batch the engine ran."""
+    live = LiveServer(app)
+    try:
+        jobs = [(model, prompt, 16) for model in models for prompt in PROMPTS[:2]]
+        return jobs, ask_all(live, jobs), live.app.state.engine.peak_occupancy
+    finally:
+        live.stop()
+
+
 # ---------------------------------------------------------------------------- DoRA in the batched layer
 
 
@@ -200,13 +211,9 @@ def test_a_dora_adapter_shares_a_batch_with_lora_adapters_and_the_base(served, d
     from lorafit.serve import build_app
 
     adapters = {"dora": dora_runs["dora"], "alpha": served["adapters"] / "alpha", "gamma": served["adapters"] / "gamma"}
-    live = LiveServer(build_app(served["base"], list(adapters.items()), served_model_name="base", max_model_len=128))
-    try:
-        jobs = [(model, prompt, 16) for model in ("base", *adapters) for prompt in PROMPTS[:2]]
-        answers = ask_all(live, jobs)
-        assert live.app.state.engine.peak_occupancy >= 4
-    finally:
-        live.stop()
+    app = build_app(served["base"], list(adapters.items()), served_model_name="base", max_model_len=128)
+    jobs, answers, peak_occupancy = serve_together(app, ("base", *adapters))
+    assert peak_occupancy >= 4
     for (model, prompt, n), ids in zip(jobs, answers, strict=True):
         assert ids == reference_ids(served["base"], adapters.get(model), prompt, n), (model, prompt)
     assert answers[jobs.index(("dora", PROMPTS[0], 16))] != answers[jobs.index(("base", PROMPTS[0], 16))]
@@ -220,13 +227,8 @@ def test_a_qlora_run_is_served_over_the_matching_quantised_base_only(served, dor
     qlora, alpha = dora_runs["qlora"], served["adapters"] / "alpha"
     adapters = {"qlora": qlora, "alpha": alpha, "dora": dora_runs["dora"]}
     app = build_app(served["base"], list(adapters.items()), served_model_name="base", quantize="nf4")
-    live = LiveServer(app)
-    try:
-        jobs = [(model, prompt, 16) for model in ("base", *adapters) for prompt in PROMPTS[:2]]
-        answers = ask_all(live, jobs)
-        assert live.app.state.engine.peak_occupancy >= 4
-    finally:
-        live.stop()
+    jobs, answers, peak_occupancy = serve_together(app, ("base", *adapters))
+    assert peak_occupancy >= 4
     for (model, prompt, n), ids in zip(jobs, answers, strict=True):
         if model == "qlora":  # the run's own base, rebuilt by LLM.load: quantised to nf4, the adapter beside it
             llm = LLM.load(served["base"], adapter=qlora, quantize="nf4")
@@ -250,12 +252,8 @@ def test_int8_base_serves_lora_adapters_batched(served) -> None:
     from lorafit.serve import build_app
 
     adapters = {name: served["adapters"] / name for name in ("alpha", "beta")}
-    live = LiveServer(build_app(served["base"], list(adapters.items()), served_model_name="base", quantize="int8"))
-    try:
-        jobs = [(model, prompt, 16) for model in ("base", *adapters) for prompt in PROMPTS[:2]]
-        answers = ask_all(live, jobs)
-    finally:
-        live.stop()
+    app = build_app(served["base"], list(adapters.items()), served_model_name="base", quantize="int8")
+    jobs, answers, _ = serve_together(app, ("base", *adapters))
     for (model, prompt, n), ids in zip(jobs, answers, strict=True):
         assert ids == quantized_reference(served["base"], "int8", adapters.get(model), prompt, n), (model, prompt)
     # The base alone is exactly `lorafit generate --quantize int8`.
