@@ -43,8 +43,8 @@ class QLoRA(LoRA):
     config_class: ClassVar[type] = QLoRAConfig
     removable: ClassVar[bool] = False  # its load quantises the base
     # Every call of a quantised layer dequantises its weight into a fresh buffer, between the activations kept for
-    # backward: glibc's heap fragments around them (measured at 1 x 128: peak RSS 1091 MiB, above float32 LoRA's
-    # 1135 only by luck; with this 896), at no measurable cost per step.
+    # backward: glibc's heap fragments around them (measured at 1 x 128, 5 steps: peak RSS 1091 MiB, barely below
+    # float32 LoRA's 1135; with this 896), at no measurable cost per step.
     cpu_mmap_threshold: ClassVar[int | None] = 1 << 20
 
     def describe(self, config: QLoRAConfig) -> str:
