@@ -195,6 +195,15 @@ def test_the_prefill_budget_counts_padded_tokens(served) -> None:
     engine.stop()
 
 
+def test_a_prefill_budget_below_one_token_is_refused(served) -> None:
+    from lorafit.serve.adapters import AdapterStore
+    from lorafit.serve.scheduler import Engine
+
+    model = load_model(served["base"])
+    with pytest.raises(ValueError, match=r"^--max-prefill-tokens must be at least 1, got 0$"):
+        Engine(model, AdapterStore(model, 1), max_batch=8, max_length=64, max_prefill_tokens=0)
+
+
 # ---------------------------------------------------------------------------- DoRA and QLoRA over a live server
 
 
