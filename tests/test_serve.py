@@ -156,8 +156,8 @@ def test_per_row_positions_decode_each_row_as_alone(tiny_checkpoint: Path) -> No
 def test_multi_lora_rows_equal_each_adapter_merged() -> None:
     torch.manual_seed(0)
     base = torch.nn.Linear(16, 12, bias=False)
-    batch = BatchAdapters()
-    multi = MultiLoRALinear(base, slots=3, batch=batch)
+    batch = BatchAdapters(slots=3)
+    multi = MultiLoRALinear(base, batch)
     merged = []
     for slot, r in enumerate((2, 5)):
         lora = LoRALinear.from_linear(torch.nn.Linear(16, 12, bias=False), r, scaling=1.5)
@@ -167,10 +167,13 @@ def test_multi_lora_rows_equal_each_adapter_merged() -> None:
         lora.merge()
         merged.append(lora)
     x = torch.randn(4, 3, 16)
-    batch.set(torch.tensor([1, -1, 0, 1]))
+    batch.set([1, -1, 0, 1])
     expected = torch.stack([merged[1](x[0]), base(x[1]), merged[0](x[2]), merged[1](x[3])])
     torch.testing.assert_close(multi(x), expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(expected[0], base(x[0]))  # the adapters do change the output
+    batch.set([1, 1, 1, 1])  # one adapter for every row: no gather, same numbers
+    assert batch.single == 1
+    torch.testing.assert_close(multi(x), merged[1](x), rtol=1e-5, atol=1e-5)
 
 
 def test_llama_adapter_runs_are_refused_with_a_clear_error(tiny_checkpoint: Path, tmp_path: Path) -> None:

@@ -105,8 +105,8 @@ def serve_together(app, models: tuple[str, ...]) -> tuple[list[tuple[str, str, i
 def test_dora_rows_equal_each_dora_adapter_merged() -> None:
     torch.manual_seed(0)
     base = torch.nn.Linear(16, 12, bias=False)
-    batch = BatchAdapters()
-    multi = MultiLoRALinear(base, slots=3, batch=batch)
+    batch = BatchAdapters(slots=3)
+    multi = MultiLoRALinear(base, batch)
     merged = []
     for slot, (r, dora) in enumerate([(2, True), (5, False)]):
         lora = LoRALinear.from_linear(torch.nn.Linear(16, 12, bias=False), r, scaling=1.5, dora=dora)
@@ -121,9 +121,12 @@ def test_dora_rows_equal_each_dora_adapter_merged() -> None:
         lora.merge()
         merged.append(lora)
     x = torch.randn(4, 3, 16)
-    batch.set(torch.tensor([0, -1, 1, 0]))
+    batch.set([0, -1, 1, 0])
     expected = torch.stack([merged[0](x[0]), base(x[1]), merged[1](x[2]), merged[0](x[3])])
     torch.testing.assert_close(multi(x), expected, rtol=1e-5, atol=1e-5)
+    batch.set([0, 0, 0, 0])  # the DoRA adapter for every row, without a gather
+    torch.testing.assert_close(multi(x), merged[0](x), rtol=1e-5, atol=1e-5)
+    batch.set([0, -1, 1, 0])
     # A plain LoRA adapter in the DoRA adapter's slot puts its scale back to one.
     multi.set_slot(0, merged[1].lora_A.weight, merged[1].lora_B.weight, 1.5)
     torch.testing.assert_close(multi(x)[0], merged[1](x[0]), rtol=1e-5, atol=1e-5)

@@ -126,16 +126,18 @@ class AdapterStore:
         capacity: int,
         adapter_dir: str | Path | None = None,
         allow_any_path: bool = False,
-        lock: threading.RLock | None = None,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"--max-loaded-adapters must be at least 1, got {capacity}")
         self.model, self.capacity = model, capacity
         self.adapter_dir = Path(adapter_dir).resolve() if adapter_dir is not None else None
         self.allow_any_path = allow_any_path
-        # Held while slots change and while the decode loop runs a step, so a step never sees half an adapter.
-        self.lock = lock or threading.RLock()
-        self.batch = BatchAdapters()
+        # Two locks, always taken in this order. `lock` is held while slots' weights change and while the decode loop
+        # runs a step, so a step never sees half an adapter. `books` guards the tables of names, slots and users and
+        # is only held for a moment, so a request for an adapter already loaded never waits for a decode step.
+        self.lock = threading.RLock()
+        self.books = threading.Lock()
+        self.batch = BatchAdapters(capacity, model.embed_tokens.weight.device)
         self.loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()  # least recently used first
         self.slot_users = [0] * capacity
         self.slot_owner: list[str | None] = [None] * capacity
@@ -149,23 +151,25 @@ class AdapterStore:
         path = Path(path)
         if check_path:
             self._check_path(path)
-        with self.lock:
+        with self.books:
             if name in self.loaded:
                 raise AdapterError(f"an adapter named {name!r} is already loaded")
         config, layers = read_lora_adapter(path, self.model)
-        with self.lock:
-            if name in self.loaded:
-                raise AdapterError(f"an adapter named {name!r} is already loaded")
-            slot = self._free_slot()
+        with self.lock:  # no decode step and no other load meanwhile; requests for loaded adapters go on
+            with self.books:
+                if name in self.loaded:
+                    raise AdapterError(f"an adapter named {name!r} is already loaded")
+                slot = self._free_slot()
             adapter = LoadedAdapter(name, path, slot, config, pinned, layers)
             self._install(adapter)
-            self.loaded[name] = adapter
-            self.slot_owner[slot] = name
+            with self.books:
+                self.loaded[name] = adapter
+                self.slot_owner[slot] = name
             return adapter
 
     def unload(self, name: str) -> None:
         """Forget an adapter; running requests that use it finish with it, new ones get 404."""
-        with self.lock:
+        with self.books:
             if name not in self.loaded:
                 raise AdapterError(f"no adapter named {name!r} is loaded", status=404)
             adapter = self.loaded.pop(name)
@@ -173,7 +177,7 @@ class AdapterStore:
 
     def acquire(self, name: str) -> int:
         """The slot of adapter `name` for a new request (loading it from --adapter-dir if needed); release it after."""
-        with self.lock:
+        with self.books:
             if name in self.loaded:
                 return self._use(name)
         path = self._in_adapter_dir(name)
@@ -182,24 +186,24 @@ class AdapterStore:
         except AdapterError as error:
             if name not in self.loaded:  # another request may have loaded it meanwhile
                 raise error
-        with self.lock:
+        with self.books:
             if name not in self.loaded:
                 raise AdapterError(f"the model {name!r} does not exist", status=404)
             return self._use(name)
 
     def release(self, slot: int) -> None:
         """A request that used `slot` is over."""
-        with self.lock:
+        with self.books:
             self.slot_users[slot] -= 1
 
     def names(self) -> list[str]:
         """Loaded adapters' names, in the order they were loaded or last used."""
-        with self.lock:
+        with self.books:
             return list(self.loaded)
 
     def paths(self) -> dict[str, Path]:
         """Loaded adapters' directories by name."""
-        with self.lock:
+        with self.books:
             return {name: adapter.path for name, adapter in self.loaded.items()}
 
     # ---------------------------------------------------------------------------- helpers
@@ -258,6 +262,6 @@ class AdapterStore:
         linear = getattr(parent, child)
         if not (type(linear) is nn.Linear or isinstance(linear, QuantizedLinear)) or child not in TARGETS.values():
             raise AdapterError(f"cannot put LoRA on {name}")
-        layer = MultiLoRALinear(linear, self.capacity, self.batch)
+        layer = MultiLoRALinear(linear, self.batch)
         setattr(parent, child, layer)
         self.layers[name] = layer

@@ -219,8 +219,7 @@ class Engine:
     def _use_rows(self, first: int, last: int, length: int, slots: list[int]) -> None:
         for rows in self.caches:
             rows.select(first, last, length)
-        rows = torch.tensor(slots, dtype=torch.long, device=self.device)
-        self.adapters.batch.set(rows, any(slot >= 0 for slot in slots))
+        self.adapters.batch.set(slots)
 
     def _prefill(self, requests: list[Request]) -> None:
         """Run the prompts, right-padded, in one forward into the next free cache rows; emit each first token."""
