@@ -38,6 +38,9 @@ RESUMABLE_CHANGES = (
 )
 """Training settings a resume may change: how long the run goes on, and how it is watched and saved."""
 
+SETTINGS_ADDED_LATER = {"group_by_length": True}
+"""Training settings that run files of older lorafit versions lack, with the behaviour those versions had."""
+
 
 class RunDirectoryError(ValueError):
     """A run directory that cannot be used as asked (in use, holding another run, incompatible resume)."""
@@ -130,8 +133,9 @@ def check_resume(saved: dict[str, Any], new: dict[str, Any], where: Path) -> lis
             continue
         old, now = saved.get(key), new.get(key)
         if key == "train":
-            for name in sorted(set(old or {}) | set(now or {})):
-                a, b = (old or {}).get(name), (now or {}).get(name)
+            old = SETTINGS_ADDED_LATER | (old or {})
+            for name in sorted(set(old) | set(now or {})):
+                a, b = old.get(name), (now or {}).get(name)
                 if a == b:
                     continue
                 line = f"train.{name}: {a!r} -> {b!r}"

@@ -362,6 +362,18 @@ def test_batch_plan_covers_every_sample_once_and_groups_lengths():
         assert plan.token_counts(batches[0])[1] == max(plan.token_counts(b)[1] for b in batches)
 
 
+def test_batch_plan_without_grouping_draws_micro_batches_at_random():
+    lengths = list(range(1, 401))  # sample i has length i + 1: grouped batches hold neighbours
+    grouped, random_draw = BatchPlan(lengths, 4, seed=0), BatchPlan(lengths, 4, seed=0, mega_batch_factor=1)
+    for plan in (grouped, random_draw):
+        assert sorted(i for b in plan.batches(0) for i in b) == list(range(400))
+
+    def spread(plan: BatchPlan) -> float:  # mean length range inside a micro-batch
+        return sum(max(b) - min(b) for b in plan.batches(0)) / len(plan)
+
+    assert spread(grouped) < 10 < 100 < spread(random_draw)
+
+
 def test_batch_plan_is_a_function_of_seed_and_epoch():
     """A resumed run rebuilds the plan and gets the same batches: nothing depends on what was asked before."""
     plan = BatchPlan([5, 3, 8, 1, 9, 2, 7], micro_batch_size=2, seed=1, mega_batch_factor=2)

@@ -80,6 +80,7 @@ def test_resume_refuses_what_changes_the_run_and_notes_what_may_change(numbers, 
     for change, field in [
         ({"learning_rate": 1e-3}, "train.learning_rate"),
         ({"seed": 7}, "train.seed"),
+        ({"group_by_length": False}, "train.group_by_length"),
         ({"micro_batch_size": 1, "global_batch_size": 2}, "train.micro_batch_size"),
         ({"method_config": LoRAConfig(r=4, alpha=4, dropout=0.1, targets="q,v")}, "lora"),
     ]:
@@ -96,6 +97,18 @@ def test_resume_refuses_what_changes_the_run_and_notes_what_may_change(numbers, 
     assert result.steps == 2
     assert "resume: train.max_steps: 4 -> 6" in capsys.readouterr().out
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_run_file_from_before_a_setting_existed_resumes_with_the_old_behaviour(numbers, tiny_checkpoint, tmp_path):
+    out = tmp_path / "run"
+    run(numbers, out, tiny_checkpoint, max_steps=2)
+    run_file = out / "lorafit_run.json"
+    fields = json.loads(run_file.read_text())
+    del fields["train"]["group_by_length"]  # older versions always grouped by length
+    run_file.write_text(json.dumps(fields))
+    with pytest.raises(RunDirectoryError, match=r"train.group_by_length: True -> False"):
+        run(numbers, out, tiny_checkpoint, resume="auto", max_steps=3, group_by_length=False)
+    assert run(numbers, out, tiny_checkpoint, resume="auto", max_steps=3).steps == 1
 
 
 def test_a_checkpoint_of_another_run_is_refused(numbers, tiny_checkpoint, tmp_path):

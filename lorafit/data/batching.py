@@ -17,12 +17,19 @@ import torch
 
 from lorafit.data.prepare import IGNORE_INDEX
 
+MEGA_BATCH_FACTOR = 50
+"""Micro-batches per length-sorted mega-batch; 1 gives random micro-batches (no grouping by length)."""
+
 
 class BatchPlan:
     """Deterministic length-grouped batches of sample indices for each epoch."""
 
     def __init__(
-        self, lengths: Sequence[int], micro_batch_size: int, seed: int = 42, mega_batch_factor: int = 50
+        self,
+        lengths: Sequence[int],
+        micro_batch_size: int,
+        seed: int = 42,
+        mega_batch_factor: int = MEGA_BATCH_FACTOR,
     ) -> None:
         if micro_batch_size < 1 or mega_batch_factor < 1:
             raise ValueError("micro_batch_size and mega_batch_factor must be at least 1")
