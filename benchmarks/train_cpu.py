@@ -10,12 +10,14 @@ is how each framework feeds it, as its users would:
   (linear warm-up over a tenth of the steps, then cosine; PEFT gets it as a LambdaLR); gradient clipping at 1;
   micro-batch 4 = global batch (no accumulation); one epoch = 64 optimizer steps;
 - lorafit: `lorafit.train.train` with its defaults, no switch: BatchPlan's length-grouped batches, the LM head only
-  where labels exist, fused AdamW, and `--precision auto` (bf16 mixed where this machine's bf16 matmul is >= 1.2x
-  float32, else float32; the table says which) (--change picks an earlier row of CHANGES, or adds a switch);
+  where labels exist, fused AdamW, `--precision auto` (bf16 mixed where this machine's bf16 matmul is >= 1.2x
+  float32, else float32; the table says which) and large buffers on transparent huge pages (lorafit.process, set
+  when lorafit is imported) (--change picks an earlier row of CHANGES, or adds a switch);
 - PEFT: `get_peft_model` on transformers' LlamaForCausalLM (SDPA attention, no KV cache) in a plain PyTorch
   loop: records in file order, each batch padded to its longest sample (dynamic padding, as a DataCollator
   does) with an attention mask, HF's loss = mean over the labelled tokens; float32, its default (--changes also
-  runs it under bf16 autocast, which its users can switch on).
+  runs it under bf16 autocast, which its users can switch on); torch's allocator defaults (THP_MEM_ALLOC_ENABLE=0
+  in its worker, which imports lorafit's data code).
 
 Runs alternate (lorafit, PEFT, lorafit, PEFT, ...), each in its own subprocess; per framework we print the median
 over --repeats of: wall time of the epoch, real (non-padding) tokens/s, padding share of the tokens fed, peak
@@ -53,6 +55,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -68,6 +71,7 @@ from lorafit.data import IGNORE_INDEX, BatchPlan, TokenDataset, default_style, e
 from lorafit.estimate import config_for
 from lorafit.hub import resolve_checkpoint
 from lorafit.lora import LoRAConfig
+from lorafit.process import PROCESS_ENV
 from lorafit.tokenizer import Tokenizer
 from lorafit.train import TrainConfig, learning_rate_at
 
@@ -198,16 +202,17 @@ CHANGES = (
     ("+ LM head + cross-entropy fused, 128 positions at a time", "fused-head"),
     ("+ largest batch first (BatchPlan)", "largest-first"),
     ("+ AdamW fused on the CPU", "fused-adamw"),
+    ("+ precision by measurement (--precision auto: bf16 mixed where bf16 matmul is faster)", "auto-precision"),
     (
-        "+ precision by measurement (--precision auto: bf16 mixed where bf16 matmul is faster) = lorafit's defaults",
-        "auto-precision",
+        "+ buffers >= 2 MiB on transparent huge pages (lorafit.process, set on import) = lorafit's defaults",
+        "huge-pages",
     ),  # fmt: skip
     ("+ buffers >= 1 MiB returned to the system when freed (--cpu-mmap-threshold 1048576, a switch)", "mmap-threshold"),
     ("+ activation checkpointing (--activation-checkpointing, a switch)", "activation-checkpointing"),
 )
 CHANGE_KEYS = [key for _, key in CHANGES]
 PEFT_ROWS = ("HF PEFT + transformers, float32 (the peer, as its users run it)", "HF PEFT, bf16 autocast (a switch)")
-DEFAULTS = "auto-precision"  # the last row of lorafit as it runs without a switch
+DEFAULTS = "huge-pages"  # the last row of lorafit as it runs without a switch
 
 
 def plain_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -319,12 +324,23 @@ def worker(args: argparse.Namespace) -> None:
     Path(args.result).write_text(json.dumps(result))
 
 
+def worker_env(options: list[str]) -> dict[str, str]:
+    """A worker's environment: lorafit's process settings (lorafit.process) where lorafit runs with its defaults
+    up to "huge-pages"; PEFT and the earlier rows of CHANGES run without them, as a program that never imports
+    lorafit does. They must be in place when the interpreter starts, so they cannot be undone inside the worker."""
+    framework = options[options.index("--worker") + 1]
+    change = options[options.index("--change") + 1] if "--change" in options else DEFAULTS
+    with_settings = framework != "peft" and CHANGE_KEYS.index(change) >= CHANGE_KEYS.index("huge-pages")
+    off = {"THP_MEM_ALLOC_ENABLE": "0"}  # lorafit.process leaves a value that is already set alone
+    return os.environ | (PROCESS_ENV if with_settings else off)
+
+
 def run_worker(args: argparse.Namespace, out: Path, options: list[str]) -> dict | None:
     """Run `options` in a fresh interpreter; its result, or None when it failed."""
     command = [sys.executable, __file__, "--result", str(out), *options]
     if args.checkpoint:
         command += ["--checkpoint", str(args.checkpoint)]
-    if subprocess.run(command).returncode:
+    if subprocess.run(command, env=worker_env(options)).returncode:
         return None
     return json.loads(out.read_text())
 

@@ -1,5 +1,6 @@
 """lorafit: finetune LLaMA-family models cheaply."""
 
+import lorafit.process  # noqa: F401  (first: its settings must precede torch's import)
 from lorafit.config import Config
 from lorafit.generate import LLM
 

@@ -1,0 +1,32 @@
+"""lorafit.process: settings that must precede torch's first allocation, made when lorafit is imported."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+# Page-aligned addresses of three 3 MiB tensors: torch aligns buffers to pages only when its allocator is asked to
+# put them on transparent huge pages (otherwise to 64 bytes).
+ALIGNMENT = """
+import sys
+exec(sys.argv[1])
+print(os.environ.get("THP_MEM_ALLOC_ENABLE"), all(torch.empty(3 << 20, dtype=torch.uint8).data_ptr() % 4096 == 0
+      for _ in range(3)))
+"""
+
+
+def run(imports: str, **env: str) -> str:
+    clean = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | env
+    command = [sys.executable, "-c", ALIGNMENT, f"import os\n{imports}"]
+    return subprocess.run(command, capture_output=True, text=True, check=True, env=clean).stdout.split("\n")[-2]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="transparent huge pages are a Linux feature")
+def test_importing_lorafit_puts_large_buffers_on_huge_pages_unless_the_user_said_otherwise():
+    assert run("import torch") == "None False"  # torch alone: 64-byte alignment
+    assert run("import lorafit, torch") == "1 True"
+    assert run("import torch, lorafit") == "1 True"  # torch reads the variable at its first allocation, not import
+    assert run("import lorafit, torch", THP_MEM_ALLOC_ENABLE="0") == "0 False"
