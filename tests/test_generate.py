@@ -20,17 +20,22 @@ def make_pair(**overrides) -> tuple[torch.nn.Module, LLaMA]:
 PROMPT = [5, 17, 33, 2, 71, 8, 40]
 
 
-def test_generate_picks_what_full_recomputation_picks():
-    """generate()'s cached decoding chooses each token as a cache-free forward would (the cache's logits are
-    checked against recomputation once, in test_model.py)."""
-    _, model = make_pair()
-    tokens = list(generate(model, PROMPT, max_new_tokens=12))
+def assert_greedy_by_recomputation(model, tokens: list[int]) -> None:
+    """Each token is the argmax of a full forward over the prompt and the tokens before it (no KV cache)."""
     model.clear_kv_cache()
     seq = list(PROMPT)
     with torch.no_grad():
         for expected in tokens:
             assert int(model(torch.tensor([seq]))[0, -1].argmax()) == expected
             seq.append(expected)
+
+
+def test_generate_picks_what_full_recomputation_picks():
+    """generate()'s cached decoding chooses each token as a cache-free forward would (the cache's logits are
+    checked against recomputation once, in test_model.py)."""
+    _, model = make_pair()
+    tokens = list(generate(model, PROMPT, max_new_tokens=12))
+    assert_greedy_by_recomputation(model, tokens)
 
 
 def test_greedy_equals_transformers_generate():
@@ -71,12 +76,7 @@ def test_int8_greedy_decoding_picks_what_its_own_recomputation_picks():
     assert quantize_model(model, "int8") == 14
     tokens = list(generate(model, PROMPT, max_new_tokens=12))
     assert len(set(tokens)) > 3
-    model.clear_kv_cache()
-    seq = list(PROMPT)
-    with torch.no_grad():
-        for expected in tokens:
-            assert int(model(torch.tensor([seq]))[0, -1].argmax()) == expected
-            seq.append(expected)
+    assert_greedy_by_recomputation(model, tokens)
 
 
 @pytest.mark.slow

@@ -20,8 +20,7 @@ import torch
 
 from lorafit.checkpoint import load_model
 from lorafit.generate import LLM, generate
-from lorafit.lora import LoRAConfig, LoRALinear, apply_lora, lora_modules, save_peft_adapter
-from lorafit.serve.multi_lora import BatchAdapters, MultiLoRALinear
+from lorafit.lora import LoRAConfig, apply_lora, lora_modules, save_peft_adapter
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -151,29 +150,6 @@ def test_per_row_positions_decode_each_row_as_alone(tiny_checkpoint: Path) -> No
         positions = torch.tensor([len(p) for p in prompts])
         together = model(torch.tensor([[11]] * 3), positions)[:, -1]
     torch.testing.assert_close(together, torch.stack(alone), rtol=1e-5, atol=1e-5)
-
-
-def test_multi_lora_rows_equal_each_adapter_merged() -> None:
-    torch.manual_seed(0)
-    base = torch.nn.Linear(16, 12, bias=False)
-    batch = BatchAdapters(slots=3)
-    multi = MultiLoRALinear(base, batch)
-    merged = []
-    for slot, r in enumerate((2, 5)):
-        lora = LoRALinear.from_linear(torch.nn.Linear(16, 12, bias=False), r, scaling=1.5)
-        lora.weight.data = base.weight.data.clone()
-        torch.nn.init.normal_(lora.lora_B.weight)
-        multi.set_slot(slot, lora.lora_A.weight, lora.lora_B.weight, 1.5)
-        lora.merge()
-        merged.append(lora)
-    x = torch.randn(4, 3, 16)
-    batch.set([1, -1, 0, 1])
-    expected = torch.stack([merged[1](x[0]), base(x[1]), merged[0](x[2]), merged[1](x[3])])
-    torch.testing.assert_close(multi(x), expected, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(expected[0], base(x[0]))  # the adapters do change the output
-    batch.set([1, 1, 1, 1])  # one adapter for every row: no gather, same numbers
-    assert batch.single == 1
-    torch.testing.assert_close(multi(x), merged[1](x), rtol=1e-5, atol=1e-5)
 
 
 def test_llama_adapter_runs_are_refused_with_a_clear_error(tiny_checkpoint: Path, tmp_path: Path) -> None:

@@ -102,13 +102,15 @@ def serve_together(app, models: tuple[str, ...]) -> tuple[list[tuple[str, str, i
 # ---------------------------------------------------------------------------- DoRA in the batched layer
 
 
-def test_dora_rows_equal_each_dora_adapter_merged() -> None:
+@pytest.mark.parametrize("first_dora", [False, True], ids=["lora", "dora"])
+def test_multi_lora_rows_equal_each_adapter_merged(first_dora: bool) -> None:
+    """Rows of a batch with different adapters (ranks 2 and 5, LoRA or DoRA) or none equal each adapter merged."""
     torch.manual_seed(0)
     base = torch.nn.Linear(16, 12, bias=False)
     batch = BatchAdapters(slots=3)
     multi = MultiLoRALinear(base, batch)
     merged = []
-    for slot, (r, dora) in enumerate([(2, True), (5, False)]):
+    for slot, (r, dora) in enumerate([(2, first_dora), (5, False)]):
         lora = LoRALinear.from_linear(torch.nn.Linear(16, 12, bias=False), r, scaling=1.5, dora=dora)
         lora.weight.data = base.weight.data.clone()
         lora.reset_lora_parameters()  # the magnitude starts at the row norms of this base
@@ -124,10 +126,13 @@ def test_dora_rows_equal_each_dora_adapter_merged() -> None:
     batch.set([0, -1, 1, 0])
     expected = torch.stack([merged[0](x[0]), base(x[1]), merged[1](x[2]), merged[0](x[3])])
     torch.testing.assert_close(multi(x), expected, rtol=1e-5, atol=1e-5)
-    batch.set([0, 0, 0, 0])  # the DoRA adapter for every row, without a gather
-    torch.testing.assert_close(multi(x), merged[0](x), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(expected[0], base(x[0]))  # the adapters do change the output
+    for slot in (0, 1):  # one adapter for every row: no gather, same numbers
+        batch.set([slot] * 4)
+        assert batch.single == slot
+        torch.testing.assert_close(multi(x), merged[slot](x), rtol=1e-5, atol=1e-5)
     batch.set([0, -1, 1, 0])
-    # A plain LoRA adapter in the DoRA adapter's slot puts its scale back to one.
+    # A plain LoRA adapter in the first adapter's slot puts its DoRA scale back to one.
     multi.set_slot(0, merged[1].lora_A.weight, merged[1].lora_B.weight, 1.5)
     torch.testing.assert_close(multi(x)[0], merged[1](x[0]), rtol=1e-5, atol=1e-5)
 
