@@ -1,8 +1,9 @@
 """Process-wide settings that only take effect when made before torch is imported; lorafit sets them on import.
 
 `lorafit/__init__.py` imports this module first, so the `lorafit` command and `python -m lorafit` always run
-with them; a program that imports torch before lorafit keeps torch's own defaults. A value already in the
-environment is left alone (set THP_MEM_ALLOC_ENABLE=0 to opt out).
+with them; a program that allocates tensors before importing lorafit keeps torch's own defaults (importing
+torch alone allocates nothing that reads them). A value already in the environment is left alone (set
+THP_MEM_ALLOC_ENABLE=0 to opt out).
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 import os
 
 PROCESS_ENV = {
-    # PyTorch's CPU allocator aligns buffers of 2 MiB and more to 2 MiB and asks the kernel for transparent huge
-    # pages for them (it reads the variable once, at its first allocation). The page alignment also sends buffers
+    # PyTorch's CPU allocator aligns buffers to pages and asks the kernel for transparent huge pages for those of
+    # 2 MiB and more (it reads the variable once, at its first allocation). The page alignment also sends buffers
     # just past glibc's adaptive mmap threshold to their own mappings, which go back to the system when freed. One
     # LoRA epoch of benchmarks/train_cpu.py (2-core AMD EPYC, bf16 mixed, 2026-11-29, three runs each): peak RSS
     # 3194-3269 MiB instead of 3702-3791 (-14%) at the same speed (249-279 vs 249-266 real tokens/s); on the demo's
