@@ -20,7 +20,12 @@ class RopeScaling:
 
 @dataclass
 class Config:
-    """Shape of a LLaMA-family decoder. Field names follow the paper's notation, not HF's."""
+    """Shape of a LLaMA-family decoder.
+
+    n_layer, n_embd, n_head and block_size are nanoGPT's names (litgpt keeps them too) and n_kv_head follows
+    them; vocab_size, intermediate_size, head_dim and rope_theta keep Hugging Face's names, and norm_eps and
+    tie_embeddings shorten HF's rms_norm_eps and tie_word_embeddings. `from_hf` maps one set to the other.
+    """
 
     name: str = "custom"
     hf_repo: str | None = None
