@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from lorafit.config import Config
 from lorafit.model import LLaMA, RMSNorm
+from lorafit.ops import keep_product
 
 
 @dataclass
@@ -91,6 +92,9 @@ class PromptAdapter(nn.Module):
 class AdapterV2Linear(nn.Linear):
     """A frozen nn.Linear whose output gets a trainable scale and bias: scale * (W x + bias)."""
 
+    product = staticmethod(F.linear)
+    """W x + b; use_decode_kernels gives a decoding model ops.linear instead."""
+
     def __init__(
         self,
         in_features: int,
@@ -112,10 +116,11 @@ class AdapterV2Linear(nn.Linear):
         layer.weight, layer.bias = weight, linear.bias
         layer.adapter_bias = nn.Parameter(torch.zeros(linear.out_features, device=weight.device, dtype=weight.dtype))
         layer.adapter_scale = nn.Parameter(torch.ones(linear.out_features, device=weight.device, dtype=weight.dtype))
+        keep_product(linear, layer)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.adapter_scale * (F.linear(x, self.weight, self.bias) + self.adapter_bias)
+        return self.adapter_scale * (self.product(x, self.weight, self.bias) + self.adapter_bias)
 
     @torch.no_grad()
     def fold_scale(self) -> None:

@@ -18,7 +18,7 @@ from lorafit.hub import DEFAULT_MODEL, download
 from lorafit.io import write_json
 from lorafit.lora import LoRAConfig
 from lorafit.model import LLaMA
-from lorafit.runtime import use_decode_layout
+from lorafit.runtime import use_decode_kernels
 from lorafit.tokenizer import Tokenizer
 from lorafit.train import TrainConfig
 
@@ -126,7 +126,7 @@ def run_demo(out_dir: str | Path = "out/demo", config: DemoConfig | None = None)
 def load_base(checkpoint: Path) -> LLaMA:
     """The default model, laid out for decoding."""
     model = load_model(checkpoint)
-    use_decode_layout(model)
+    use_decode_kernels(model)
     return model
 
 

@@ -232,7 +232,7 @@ def evaluate(
     from lorafit.checkpoint import load_config, load_model
     from lorafit.hub import resolve_checkpoint
     from lorafit.methods import method_of_run
-    from lorafit.runtime import resolve_device, resolve_dtype, use_decode_layout
+    from lorafit.runtime import resolve_device, resolve_dtype, use_decode_kernels
     from lorafit.tokenizer import Tokenizer
 
     if data is None and not tasks:
@@ -251,7 +251,7 @@ def evaluate(
 
     def load_base() -> LLaMA:
         model = load_model(base, dtype=torch_dtype, device=torch_device)
-        use_decode_layout(model)
+        use_decode_kernels(model)
         return model
 
     eval_data = None

@@ -18,7 +18,13 @@ from typing import Protocol
 import torch
 
 from lorafit.model import LLaMA
-from lorafit.runtime import allow_matvec_reductions, peak_memory_bytes, resolve_device, resolve_dtype, use_decode_layout
+from lorafit.runtime import (
+    allow_matvec_reductions,
+    peak_memory_bytes,
+    resolve_device,
+    resolve_dtype,
+    use_decode_kernels,
+)
 
 # KV caches grow in steps of this many positions, so a chat's growing prompt rarely reallocates.
 CACHE_STEP = 256
@@ -231,7 +237,7 @@ def compiled_decode_step(model: LLaMA) -> Callable[..., torch.Tensor]:
     which reads the int8 codes: lorafit.quant.int8_linear). The position is dynamic, so one
     graph serves every step. The first call compiles (about a minute for SmolLM2-135M on 2 cores;
     inductor caches it on disk for later processes) and needs a C++ compiler. Weights should be
-    row-major: LLM.load(compile=True) does not apply use_decode_layout.
+    plain nn.Linear layers: LLM.load(compile=True) does not apply use_decode_kernels.
     """
     if model not in _compiled_steps:
         allow_matvec_reductions()
@@ -284,14 +290,14 @@ def prepare_for_decoding(model: LLaMA, quantize: str | None, compile: bool) -> N
     """What generate, chat and serve do to a loaded model before decoding with it, in place.
 
     int8 gives the model an int8 LM head too (the largest matrix a token reads); eager decoding on the CPU
-    reads column-major weights faster, the compiled step row-major ones.
+    sends its few-row products through ops.linear (use_decode_kernels), the compiled step writes its own.
     """
     from lorafit.quant import quantize_lm_head
 
     if quantize == "int8":
         quantize_lm_head(model)
     if not compile:
-        use_decode_layout(model)
+        use_decode_kernels(model)
 
 
 class LLM:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from lorafit.checkpoint import read_safetensors
 from lorafit.io import save_safetensors, write_atomically, write_json
+from lorafit.ops import keep_product
 from lorafit.quant import QuantizedLinear
 
 # Short target names -> the module names in the model (Hugging Face's, so they also name PEFT's target_modules).
@@ -201,6 +202,9 @@ class LoRALinear(nn.Linear):
     merge, which folds the update into the dequantised base weight in the base's dtype.
     """
 
+    product = staticmethod(F.linear)
+    """W x + b; use_decode_kernels gives a decoding model ops.linear instead."""
+
     def __init__(
         self,
         in_features: int,
@@ -249,6 +253,7 @@ class LoRALinear(nn.Linear):
         else:
             lora.weight, lora.bias = linear.weight, linear.bias
         lora.materialize()
+        keep_product(linear, lora)
         return lora
 
     @property
@@ -337,8 +342,8 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
-            return F.linear(x, self.weight, self.bias)
-        out = self.base_layer(x) if self.base_layer is not None else F.linear(x, self.weight, self.bias)
+            return self.product(x, self.weight, self.bias)
+        out = self.base_layer(x) if self.base_layer is not None else self.product(x, self.weight, self.bias)
         # The LoRA weights may be kept in a wider dtype than the frozen base (e.g. float32 beside bfloat16).
         h = x.to(self.lora_A.weight.dtype)
         p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) and self.training else 0.0

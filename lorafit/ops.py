@@ -1,4 +1,5 @@
-"""Two of the model's elementwise pieces as autograd functions that keep only what backward needs.
+"""Kernels the model's plain PyTorch form leaves slow: two elementwise pieces as autograd functions that keep
+only what backward needs, the LM head fused with the loss, and linears for the few rows of a decode step.
 
 In a LoRA run the frozen linear layers save nothing for backward, so elementwise leftovers are a
 large share of the activation memory. Plain autograd keeps gate, silu(gate) and up for
@@ -7,6 +8,14 @@ large share of the activation memory. Plain autograd keeps gate, silu(gate) and 
 (a few cheap elementwise passes) in backward: per layer and token of SmolLM2-135M, 1536 floats
 fewer for SwiGLU and 2 x 576 for the norms when they train. tests/test_ops.py checks values and
 gradients against the plain expressions.
+
+Decoding multiplies one token (or a few, one per request) by every weight, so it is bound by reading the
+weights. PyTorch's CPU path for that, MKL's matrix-vector product, runs on one thread and reads float32
+weights at about 12 GB/s on the AMD EPYC we measure on, a third of the 34 GB/s two threads can read. The
+same product written as a batch over slices of the weight's rows (torch.bmm) is spread over the threads:
+about 30 GB/s on 2 threads for 1 to 2 rows and still ahead up to 64 (benchmarks/generate.py has the end-to-end
+figures). `linear` picks it for the few-row float32 products of inference; bf16 weights read faster through
+F.linear here, and training's products have thousands of rows.
 """
 
 from __future__ import annotations
@@ -114,3 +123,34 @@ def linear_cross_entropy_sum(
         logits = F.linear(hidden[start : start + chunk], weight).float()
         total += F.cross_entropy(logits, targets[start : start + chunk], reduction="sum")
     return total
+
+
+SPLIT_ROWS = 64
+"""Up to this many rows a float32 product on the CPU is split over row slices of the weight (measured faster)."""
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias); without autograd, a few float32 rows on the CPU go through row slices in parallel."""
+    parts = max(2, torch.get_num_threads())
+    rows = x.numel() // x.shape[-1] if x.dim() else 0
+    fast = (
+        0 < rows <= SPLIT_ROWS
+        and bias is None
+        and not torch.is_grad_enabled()
+        and x.dtype == weight.dtype == torch.float32
+        and x.device.type == "cpu"
+        and weight.shape[0] % parts == 0
+        and weight.is_contiguous()
+    )
+    if not fast:
+        return F.linear(x, weight, bias)
+    flat = x.reshape(rows, x.shape[-1])
+    # (parts, out / parts, in) @ (in, rows): each slice of output features is one matrix product of the batch.
+    out = torch.bmm(weight.view(parts, -1, weight.shape[1]), flat.t().expand(parts, -1, -1))
+    return out.view(weight.shape[0], rows).t().reshape(*x.shape[:-1], weight.shape[0])
+
+
+def keep_product(source: torch.nn.Module, wrapper: torch.nn.Module) -> None:
+    """A layer that wraps `source` computes W x + b as source did (ops.linear once use_decode_kernels set it)."""
+    if "product" in vars(source):
+        wrapper.product = source.product

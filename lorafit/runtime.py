@@ -18,11 +18,13 @@ import sys
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from lorafit.io import write_json
+from lorafit.ops import linear
 
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
 DTYPES = {
@@ -275,22 +277,20 @@ def allow_matvec_reductions() -> None:
     decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = sys.maxsize
 
 
-def use_decode_layout(model: torch.nn.Module) -> None:
-    """Store each linear weight on the CPU column-major: same values, shapes and names, faster one-token steps.
+def use_decode_kernels(model: torch.nn.Module) -> None:
+    """Compute every linear layer's W x + b with ops.linear, which is faster for the few rows of decoding.
 
-    Multiplying one token by a (out, in) row-major weight reaches about half the memory bandwidth in
-    MKL that the transposed layout does (measured: 8.4 vs 16.3 GB/s in float32), and decoding is
-    bandwidth-bound. Prefill and training are unaffected; only a saver that needs contiguous
-    tensors must call .contiguous() first. The compiled decode step wants row-major weights: do not
-    combine the two.
+    Types, parameters and names stay as they are (LoRA, quantisation and savers still see plain nn.Linear
+    layers): each layer gets a `product` of its own, and a plain nn.Linear a forward that calls it. Layers
+    that wrap one later (LoRA, LLaMA-Adapter v2) keep its product. Prefill and anything under autograd
+    take F.linear as before. The compiled decode step writes its own kernels: it is not combined with this.
     """
-    seen: set[int] = set()
-    with torch.no_grad():
-        for module in model.modules():
-            weight = getattr(module, "weight", None)
-            if not isinstance(module, torch.nn.Linear) or weight is None or id(weight) in seen:
-                continue
-            seen.add(id(weight))
-            if weight.device.type == "cpu" and weight.dim() == 2 and weight.is_contiguous():
-                # Assigning .data keeps the Parameter object, so tied weights stay tied.
-                weight.data = weight.data.t().contiguous().t()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.product = linear
+            if type(module) is torch.nn.Linear:
+                module.forward = partial(_plain_linear_forward, module)
+
+
+def _plain_linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return module.product(x, module.weight, module.bias)

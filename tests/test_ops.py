@@ -177,3 +177,72 @@ def test_lora_update_backward_runs_under_autocast():
     for full, mixed in zip(*grads, strict=True):
         assert mixed.dtype == torch.float32
         torch.testing.assert_close(mixed, full, rtol=0.05, atol=0.05 * full.abs().max().item())
+
+
+@pytest.fixture
+def bmm_calls(monkeypatch) -> list[tuple[int, ...]]:
+    """The batch shapes torch.bmm is called with, so a test can tell which path ops.linear took."""
+    calls: list[tuple[int, ...]] = []
+    bmm = torch.bmm
+
+    def counting(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(a.shape))
+        return bmm(a, b)
+
+    monkeypatch.setattr(torch, "bmm", counting)
+    return calls
+
+
+@pytest.mark.parametrize("shape", [(1, 96), (1, 1, 96), (3, 96), (2, 5, 96), (ops.SPLIT_ROWS, 96)])
+def test_linear_few_rows_equals_f_linear(shape: tuple[int, ...], bmm_calls: list) -> None:
+    torch.manual_seed(0)
+    x, weight = torch.randn(shape), torch.randn(48, 96)
+    with torch.no_grad():
+        out = ops.linear(x, weight)
+    torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    parts = max(2, torch.get_num_threads())
+    assert bmm_calls == [(parts, 48 // parts, 96)]  # split over row slices of the weight
+
+
+@pytest.mark.parametrize(
+    "case", ["many rows", "autograd", "bias", "bfloat16", "rows not divisible", "transposed weight"]
+)
+def test_linear_takes_f_linear_outside_decoding(case: str, bmm_calls: list) -> None:
+    torch.manual_seed(0)
+    rows = ops.SPLIT_ROWS + 1 if case == "many rows" else 2
+    x, weight, bias = torch.randn(rows, 96), torch.randn(48, 96), None
+    if case == "bias":
+        bias = torch.randn(48)
+    if case == "bfloat16":
+        x, weight = x.bfloat16(), weight.bfloat16()
+    if case == "rows not divisible":
+        weight = torch.randn(7 * max(2, torch.get_num_threads()) + 1, 96)
+    if case == "transposed weight":
+        weight = torch.randn(96, 48).t()
+    with torch.set_grad_enabled(case == "autograd"):
+        out = ops.linear(x, weight, bias)
+    torch.testing.assert_close(out, F.linear(x, weight, bias))
+    assert bmm_calls == []
+
+
+def test_decode_kernels_keep_the_model_and_its_answers(bmm_calls: list) -> None:
+    from lorafit.lora import LoRAConfig, apply_lora
+    from lorafit.runtime import use_decode_kernels
+    from tests.conftest import tiny_model
+
+    model = tiny_model(tie=True).eval()
+    reference = tiny_model(tie=True).eval()
+    names = dict(model.state_dict())
+    use_decode_kernels(model)
+    assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert model.state_dict().keys() == names.keys()
+    tokens = torch.tensor([[5, 9, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), reference(tokens), rtol=1e-5, atol=1e-5)
+    parts = max(2, torch.get_num_threads())
+    assert (parts, 32 // parts, 32) in bmm_calls, "the attention projections did not take the decode kernel"
+    apply_lora(model, LoRAConfig(r=2, alpha=4, targets="all"))  # LoRA still finds plain linear layers to wrap
+    wrapped = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert len(wrapped) == 2 * 7 and all(m.product is ops.linear for m in wrapped)  # and keeps the decode kernel
+    assert LoRALinear.product is F.linear  # only this model's layers changed
