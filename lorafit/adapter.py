@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from lorafit.config import Config
 from lorafit.model import LLaMA, RMSNorm
-from lorafit.ops import keep_product
+from lorafit.ops import is_plain_linear, keep_product
 
 
 @dataclass
@@ -148,7 +148,7 @@ def apply_adapter(model: LLaMA, config: AdapterConfig, v2: bool = False) -> int:
     for block in model.layers[config.start_layer :]:
         block.self_attn.adapter = PromptAdapter(config.prompt_length, model.config, weight.device, weight.dtype)
     if v2:
-        linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+        linears = [(n, m) for n, m in model.named_modules() if is_plain_linear(m)]
         for name, linear in linears:
             _replace(model, name, AdapterV2Linear.from_linear(linear))
     for p in model.parameters():

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from lorafit.checkpoint import read_safetensors
 from lorafit.io import save_safetensors, write_atomically, write_json
-from lorafit.ops import keep_product
+from lorafit.ops import is_plain_linear, keep_product
 from lorafit.quant import QuantizedLinear
 
 # Short target names -> the module names in the model (Hugging Face's, so they also name PEFT's target_modules).
@@ -403,7 +403,7 @@ def target_linears(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[str
     return [
         (name, m)
         for name, m in model.named_modules()
-        if name.rpartition(".")[2] in wanted and (type(m) is nn.Linear or isinstance(m, QuantizedLinear))
+        if name.rpartition(".")[2] in wanted and (is_plain_linear(m) or isinstance(m, QuantizedLinear))
     ]
 
 

@@ -150,7 +150,28 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out.view(weight.shape[0], rows).t().reshape(*x.shape[:-1], weight.shape[0])
 
 
+class DecodeLinear(torch.nn.Linear):
+    """An nn.Linear that computes through `linear`; use_decode_kernels puts it in a decoding model's place."""
+
+    product = staticmethod(linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+    @classmethod
+    def wrap(cls, plain: torch.nn.Linear) -> DecodeLinear:
+        """The same layer, sharing (not copying) its weight and bias."""
+        layer = cls(plain.in_features, plain.out_features, bias=False, device="meta")
+        layer.weight, layer.bias = plain.weight, plain.bias
+        return layer
+
+
+def is_plain_linear(module: torch.nn.Module) -> bool:
+    """Whether `module` is a linear layer with nothing added to it (decoding kernels aside)."""
+    return type(module) in (torch.nn.Linear, DecodeLinear)
+
+
 def keep_product(source: torch.nn.Module, wrapper: torch.nn.Module) -> None:
     """A layer that wraps `source` computes W x + b as source did (ops.linear once use_decode_kernels set it)."""
-    if "product" in vars(source):
-        wrapper.product = source.product
+    if getattr(source, "product", None) is linear:
+        wrapper.product = linear

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lorafit.ops import is_plain_linear
 from lorafit.runtime import trim_heap
 
 if TYPE_CHECKING:
@@ -226,7 +227,7 @@ def quantize_model(model: nn.Module, scheme: str) -> int:
     The embedding, LM head and norms are left as they are. Call it before apply_lora.
     """
     check_scheme(scheme)
-    chosen = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and is_block_linear(n)]
+    chosen = [(n, m) for n, m in model.named_modules() if is_plain_linear(m) and is_block_linear(n)]
     for name, linear in chosen:
         if linear.weight.is_meta:
             raise QuantizationError(f"{name}: the weight is still on the meta device; load it before quantising")
@@ -243,7 +244,7 @@ def quantize_lm_head(model: nn.Module) -> None:
     so the int8 copy adds a quarter of the head's bytes to memory. Not for training: QLoRA's head stays float.
     """
     head = model.lm_head
-    if type(head) is not nn.Linear or head.weight.is_meta:
+    if not is_plain_linear(head) or head.weight.is_meta:
         raise QuantizationError("the LM head is not a loaded nn.Linear; load the model before quantising its head")
     model.lm_head = QuantizedLinear.from_weight(head.weight, "int8", head.bias)
 

@@ -18,13 +18,12 @@ import sys
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 
 from lorafit.io import write_json
-from lorafit.ops import linear
+from lorafit.ops import DecodeLinear, linear
 
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
 DTYPES = {
@@ -280,17 +279,14 @@ def allow_matvec_reductions() -> None:
 def use_decode_kernels(model: torch.nn.Module) -> None:
     """Compute every linear layer's W x + b with ops.linear, which is faster for the few rows of decoding.
 
-    Types, parameters and names stay as they are (LoRA, quantisation and savers still see plain nn.Linear
-    layers): each layer gets a `product` of its own, and a plain nn.Linear a forward that calls it. Layers
-    that wrap one later (LoRA, LLaMA-Adapter v2) keep its product. Prefill and anything under autograd
-    take F.linear as before. The compiled decode step writes its own kernels: it is not combined with this.
+    Each plain nn.Linear is replaced by an ops.DecodeLinear sharing its weight (names, tied weights and
+    values unchanged); a LoRA or LLaMA-Adapter v2 layer gets ops.linear as its base product, and one that
+    wraps a DecodeLinear later keeps it. Prefill and anything under autograd take F.linear as before. The
+    compiled decode step writes its own kernels: it is not combined with this.
     """
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
+    for name, module in list(model.named_modules()):
+        if type(module) is torch.nn.Linear:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, DecodeLinear.wrap(module))
+        elif isinstance(module, torch.nn.Linear):
             module.product = linear
-            if type(module) is torch.nn.Linear:
-                module.forward = partial(_plain_linear_forward, module)
-
-
-def _plain_linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return module.product(x, module.weight, module.bias)

@@ -31,7 +31,7 @@ from lorafit.data.batching import MEGA_BATCH_FACTOR, BatchPlan, collate
 from lorafit.data.prepare import IGNORE_INDEX
 from lorafit.io import atomic_directory, save_safetensors, write_text
 from lorafit.model import LLaMA
-from lorafit.ops import linear_cross_entropy_sum
+from lorafit.ops import is_plain_linear, linear_cross_entropy_sum
 from lorafit.runtime import autocast, peak_memory_bytes, release_large_buffers, resolve_precision
 
 
@@ -179,7 +179,7 @@ def supervised_loss_sum(
     hidden, targets = hidden[keep], targets[keep]
     head = model.lm_head
     if fused_head:
-        if type(head) is not nn.Linear or head.bias is not None:
+        if not is_plain_linear(head) or head.bias is not None:
             raise ValueError(f"fused_head=True needs a plain bias-free nn.Linear LM head, not {type(head).__name__}")
         return linear_cross_entropy_sum(hidden, head.weight, targets, LOSS_CHUNK)
     total = hidden.new_zeros((), dtype=torch.float32)

@@ -226,6 +226,9 @@ def test_linear_takes_f_linear_outside_decoding(case: str, bmm_calls: list) -> N
 
 
 def test_decode_kernels_keep_the_model_and_its_answers(bmm_calls: list) -> None:
+    import gc
+    import weakref
+
     from lorafit.lora import LoRAConfig, apply_lora
     from lorafit.runtime import use_decode_kernels
     from tests.conftest import tiny_model
@@ -234,7 +237,7 @@ def test_decode_kernels_keep_the_model_and_its_answers(bmm_calls: list) -> None:
     reference = tiny_model(tie=True).eval()
     names = dict(model.state_dict())
     use_decode_kernels(model)
-    assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert all(type(m) is ops.DecodeLinear for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert model.lm_head.weight is model.embed_tokens.weight
     assert model.state_dict().keys() == names.keys()
     tokens = torch.tensor([[5, 9, 2]])
@@ -246,3 +249,11 @@ def test_decode_kernels_keep_the_model_and_its_answers(bmm_calls: list) -> None:
     wrapped = [m for m in model.modules() if isinstance(m, LoRALinear)]
     assert len(wrapped) == 2 * 7 and all(m.product is ops.linear for m in wrapped)  # and keeps the decode kernel
     assert LoRALinear.product is F.linear  # only this model's layers changed
+    # No reference cycle keeps a dropped model (and its weights) alive until the garbage collector runs.
+    gc.disable()
+    try:
+        alive = weakref.ref(model)
+        del model
+        assert alive() is None
+    finally:
+        gc.enable()

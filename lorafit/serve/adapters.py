@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file
 
 from lorafit.lora import (
@@ -35,6 +34,7 @@ from lorafit.methods import method_of_run
 from lorafit.methods.lora import LoRA
 from lorafit.methods.qlora import QLoRA
 from lorafit.model import LLaMA
+from lorafit.ops import is_plain_linear
 from lorafit.quant import QuantizedLinear, quantized_linears
 from lorafit.serve.multi_lora import BatchAdapters, MultiLoRALinear
 
@@ -260,7 +260,7 @@ class AdapterStore:
         parent_name, _, child = name.rpartition(".")
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
         linear = getattr(parent, child)
-        if not (type(linear) is nn.Linear or isinstance(linear, QuantizedLinear)) or child not in TARGETS.values():
+        if not (is_plain_linear(linear) or isinstance(linear, QuantizedLinear)) or child not in TARGETS.values():
             raise AdapterError(f"cannot put LoRA on {name}")
         layer = MultiLoRALinear(linear, self.batch)
         setattr(parent, child, layer)
