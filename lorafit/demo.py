@@ -124,7 +124,7 @@ def run_demo(out_dir: str | Path = "out/demo", config: DemoConfig | None = None)
 
 
 def load_base(checkpoint: Path) -> LLaMA:
-    """The default model, laid out for decoding."""
+    """The default model, set up for decoding (use_decode_kernels)."""
     model = load_model(checkpoint)
     use_decode_kernels(model)
     return model

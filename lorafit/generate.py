@@ -236,8 +236,8 @@ def compiled_decode_step(model: LLaMA) -> Callable[..., torch.Tensor]:
     weights at about twice the bandwidth MKL reaches for one token (int8 layers write their own reduction,
     which reads the int8 codes: lorafit.quant.int8_linear). The position is dynamic, so one
     graph serves every step. The first call compiles (about a minute for SmolLM2-135M on 2 cores;
-    inductor caches it on disk for later processes) and needs a C++ compiler. Weights should be
-    plain nn.Linear layers: LLM.load(compile=True) does not apply use_decode_kernels.
+    inductor caches it on disk for later processes) and needs a C++ compiler. It writes its own kernels,
+    so LLM.load(compile=True) does not apply use_decode_kernels.
     """
     if model not in _compiled_steps:
         allow_matvec_reductions()

@@ -156,7 +156,7 @@ class DecodeLinear(torch.nn.Linear):
     product = staticmethod(linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return self.product(x, self.weight, self.bias)
 
     @classmethod
     def wrap(cls, plain: torch.nn.Linear) -> DecodeLinear:
