@@ -200,6 +200,7 @@ def test_linear_few_rows_equals_f_linear(shape: tuple[int, ...], bmm_calls: list
     with torch.no_grad():
         out = ops.linear(x, weight)
     torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous()  # a transposed result slowed every later op of a decode step
     parts = max(2, torch.get_num_threads())
     assert bmm_calls == [(parts, 48 // parts, 96)]  # split over row slices of the weight
 
