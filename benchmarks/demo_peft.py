@@ -22,9 +22,9 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 
 import torch
-from peft_side import peft_lora_config
+from peft_side import hf_batch, peft_lora_config
 
-from lorafit.data import TokenDataset, collate
+from lorafit.data import TokenDataset
 from lorafit.data.demo_task import make_contact_notes, score, split
 from lorafit.demo import DemoConfig, load_base
 from lorafit.evaluate import EvalData, adapter_applied, load_eval_data, measure, prompt_and_reference
@@ -52,30 +52,17 @@ def lorafit_adapter(cfg: DemoConfig, checkpoint: Path, out: Path) -> tuple[Path,
     return run_dir, {"seconds": result.seconds, "tokens_per_s": result.tokens_per_s, "steps": result.steps}
 
 
-class Samples(torch.utils.data.Dataset):
-    """A lorafit TokenDataset as the dicts transformers' Trainer feeds its collator."""
+class Indices(torch.utils.data.Dataset):
+    """Sample indices as transformers' Trainer feeds them to its collator (peft_side.hf_batch pads them)."""
 
-    def __init__(self, dataset: TokenDataset) -> None:
-        self.dataset = dataset
+    def __init__(self, n: int) -> None:
+        self.n = n
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return self.n
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        input_ids, labels = self.dataset[i]
-        return {"input_ids": input_ids, "labels": labels}
-
-
-def right_padded(pad_id: int):
-    """The collator: samples right-padded to the longest, labels -100 there, with the attention mask."""
-
-    def collate_fn(features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        input_ids, labels = collate([(f["input_ids"], f["labels"]) for f in features], pad_id)
-        lengths = torch.tensor([len(f["input_ids"]) for f in features])
-        mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
-
-    return collate_fn
+    def __getitem__(self, i: int) -> dict[str, int]:
+        return {"index": i}
 
 
 def peft_adapter(cfg: DemoConfig, checkpoint: Path, train_file: Path, out: Path, bf16: bool) -> tuple[Path, dict]:
@@ -111,7 +98,12 @@ def peft_adapter(cfg: DemoConfig, checkpoint: Path, train_file: Path, out: Path,
         disable_tqdm=True,
     )
     pad_id = Tokenizer.from_checkpoint(checkpoint).eos_id
-    trainer = Trainer(model=model, args=args, train_dataset=Samples(dataset), data_collator=right_padded(pad_id))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=Indices(len(dataset)),
+        data_collator=lambda rows: hf_batch(dataset, [row["index"] for row in rows], pad_id),
+    )
     started = time.perf_counter()
     state = trainer.train()
     seconds = time.perf_counter() - started
