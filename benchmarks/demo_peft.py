@@ -25,31 +25,13 @@ import torch
 from peft_side import hf_batch, peft_lora_config
 
 from lorafit.data import TokenDataset
-from lorafit.data.demo_task import make_contact_notes, score, split
-from lorafit.demo import DemoConfig, load_base
-from lorafit.evaluate import EvalData, adapter_applied, load_eval_data, measure, prompt_and_reference
-from lorafit.finetune import DataOptions, finetune
+from lorafit.data.demo_task import score
+from lorafit.demo import STYLE, DemoConfig, measure_adapter, train_adapter, write_notes
+from lorafit.evaluate import EvalData, load_eval_data, prompt_and_reference
 from lorafit.hub import DEFAULT_MODEL, download
 from lorafit.io import write_json
 from lorafit.rundir import RUN_FILE
 from lorafit.tokenizer import Tokenizer
-
-
-def lorafit_adapter(cfg: DemoConfig, checkpoint: Path, out: Path) -> tuple[Path, dict]:
-    """Train the demo's adapter exactly as `lorafit demo` does; (run directory, training figures)."""
-    run_dir = out / "lorafit"
-    result = finetune(
-        "lora",
-        out / "notes_train.json",
-        run_dir,
-        checkpoint,
-        cfg.training(),
-        cfg.lora(),
-        DataOptions(prompt_style="chat", val_size=cfg.n_val),
-        overwrite=True,
-        progress=False,
-    )
-    return run_dir, {"seconds": result.seconds, "tokens_per_s": result.tokens_per_s, "steps": result.steps}
 
 
 class Indices(torch.utils.data.Dataset):
@@ -113,13 +95,6 @@ def peft_adapter(cfg: DemoConfig, checkpoint: Path, train_file: Path, out: Path,
     return adapter_dir, figures
 
 
-def demo_score(adapter_dir: Path, checkpoint: Path, tokenizer: Tokenizer, data: EvalData, cfg: DemoConfig) -> dict:
-    """The demo's evaluation of an adapter (lorafit's or PEFT's) on the held-out notes."""
-    model = load_base(checkpoint)
-    with adapter_applied(model, adapter_dir, lambda: load_base(checkpoint)) as tuned:
-        return measure(tuned, tokenizer, data, True, cfg.max_new_tokens, score, samples=0)
-
-
 @torch.no_grad()
 def transformers_score(adapter_dir: Path, checkpoint: Path, tokenizer: Tokenizer, data: EvalData, cfg: DemoConfig):
     """PEFT's adapter on transformers' model, answers by its greedy `generate`, one note at a time."""
@@ -145,22 +120,20 @@ def transformers_score(adapter_dir: Path, checkpoint: Path, tokenizer: Tokenizer
 
 
 def run_seed(cfg: DemoConfig, checkpoint: Path, tokenizer: Tokenizer, peft_bf16: bool) -> dict:
-    seed = cfg.seed
-    records = make_contact_notes(cfg.n_train + cfg.n_val + cfg.n_test, seed=seed)
-    train_records, test_records = split(records, cfg.n_test)
     with TemporaryDirectory() as tmp:
         out = Path(tmp)
-        write_json(out / "notes_train.json", train_records)
-        write_json(out / "notes_test.json", test_records)
-        data = load_eval_data(out / "notes_test.json", tokenizer, "chat")
-        ours_dir, ours = lorafit_adapter(cfg, checkpoint, out)
-        ours["score"] = demo_score(ours_dir, checkpoint, tokenizer, data, cfg)
+        write_notes(cfg, out)
+        data = load_eval_data(out / "notes_test.json", tokenizer, STYLE)
+        ours_dir = out / "lorafit"
+        result = train_adapter(cfg, out, checkpoint, ours_dir, progress=False)
+        ours = {"seconds": result.seconds, "tokens_per_s": result.tokens_per_s, "steps": result.steps}
+        ours["score"] = measure_adapter(cfg, ours_dir, checkpoint, tokenizer, data, samples=0)
         peft_dir, theirs = peft_adapter(cfg, checkpoint, ours_dir / "data" / "train.safetensors", out, peft_bf16)
-        theirs["score"] = demo_score(peft_dir, checkpoint, tokenizer, data, cfg)
+        theirs["score"] = measure_adapter(cfg, peft_dir, checkpoint, tokenizer, data, samples=0)
         theirs["transformers_generate"] = transformers_score(peft_dir, checkpoint, tokenizer, data, cfg)
         ours["precision"] = json.loads((ours_dir / RUN_FILE).read_text())["train"]["precision"]
     theirs["precision"] = "bf16-mixed" if peft_bf16 else "32-true"
-    return {"seed": seed, "notes": cfg.n_test, "lorafit": ours, "peft": theirs}
+    return {"seed": cfg.seed, "notes": cfg.n_test, "lorafit": ours, "peft": theirs}
 
 
 def notes(share: float, n: int) -> str:

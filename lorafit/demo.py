@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lorafit.checkpoint import load_model
 from lorafit.data.demo_task import make_contact_notes, score, split
-from lorafit.evaluate import adapter_applied, format_samples, format_table, load_eval_data, measure
+from lorafit.evaluate import EvalData, adapter_applied, format_samples, format_table, load_eval_data, measure
 from lorafit.finetune import DataOptions, finetune
 from lorafit.hub import DEFAULT_MODEL, download
 from lorafit.io import write_json
@@ -20,7 +20,9 @@ from lorafit.lora import LoRAConfig
 from lorafit.model import LLaMA
 from lorafit.runtime import use_decode_kernels
 from lorafit.tokenizer import Tokenizer
-from lorafit.train import TrainConfig
+from lorafit.train import TrainConfig, TrainResult
+
+STYLE = "chat"  # prompts in the model's chat template
 
 
 @dataclass
@@ -73,12 +75,8 @@ def run_demo(out_dir: str | Path = "out/demo", config: DemoConfig | None = None)
     started = time.perf_counter()
     checkpoint = download(DEFAULT_MODEL)
     tokenizer = Tokenizer.from_checkpoint(checkpoint)
-    style = "chat"
 
-    records = make_contact_notes(cfg.n_train + cfg.n_val + cfg.n_test, seed=cfg.seed)
-    train_records, test_records = split(records, cfg.n_test)
-    write_json(out_dir / "notes_train.json", train_records)
-    write_json(out_dir / "notes_test.json", test_records)
+    train_records, test_records = write_notes(cfg, out_dir)
     example = test_records[0]
     print(
         f"task: {len(train_records)} generated contact notes for training (of which {cfg.n_val} validation), "
@@ -86,28 +84,17 @@ def run_demo(out_dir: str | Path = "out/demo", config: DemoConfig | None = None)
     )
 
     print(f"\n[1/3] the base model on {len(test_records)} held-out notes")
-    test_data = load_eval_data(out_dir / "notes_test.json", tokenizer, style)
+    test_data = load_eval_data(out_dir / "notes_test.json", tokenizer, STYLE)
     base_model = load_base(checkpoint)
     before = measure(base_model, tokenizer, test_data, True, cfg.max_new_tokens, score)
     del base_model  # training loads its own copy
 
     print("\n[2/3] LoRA finetuning")
     run_dir = out_dir / "run"
-    result = finetune(
-        "lora",
-        out_dir / "notes_train.json",
-        run_dir,
-        checkpoint,
-        cfg.training(),
-        cfg.lora(),
-        DataOptions(prompt_style=style, val_size=cfg.n_val),
-        overwrite=True,
-    )
+    result = train_adapter(cfg, out_dir, checkpoint, run_dir)
 
     print(f"\n[3/3] the finetuned model (adapter loaded from {run_dir}) on the same held-out notes")
-    base_model = load_base(checkpoint)
-    with adapter_applied(base_model, run_dir, lambda: load_base(checkpoint)) as tuned_model:
-        after = measure(tuned_model, tokenizer, test_data, True, cfg.max_new_tokens, score)
+    after = measure_adapter(cfg, run_dir, checkpoint, tokenizer, test_data)
 
     results = {
         "config": asdict(cfg),
@@ -121,6 +108,41 @@ def run_demo(out_dir: str | Path = "out/demo", config: DemoConfig | None = None)
     write_json(out_dir / "results.json", results)
     print(report(results, run_dir))
     return results
+
+
+def write_notes(cfg: DemoConfig, out_dir: Path) -> tuple[list[dict], list[dict]]:
+    """The seed's notes, written to out_dir as notes_train.json and notes_test.json; (train, held-out) records."""
+    records = make_contact_notes(cfg.n_train + cfg.n_val + cfg.n_test, seed=cfg.seed)
+    train_records, test_records = split(records, cfg.n_test)
+    write_json(out_dir / "notes_train.json", train_records)
+    write_json(out_dir / "notes_test.json", test_records)
+    return train_records, test_records
+
+
+def train_adapter(
+    cfg: DemoConfig, out_dir: Path, checkpoint: Path, run_dir: Path, progress: bool = True
+) -> TrainResult:
+    """The demo's LoRA finetuning on out_dir/notes_train.json (write_notes), into run_dir."""
+    return finetune(
+        "lora",
+        out_dir / "notes_train.json",
+        run_dir,
+        checkpoint,
+        cfg.training(),
+        cfg.lora(),
+        DataOptions(prompt_style=STYLE, val_size=cfg.n_val),
+        overwrite=True,
+        progress=progress,
+    )
+
+
+def measure_adapter(
+    cfg: DemoConfig, run_dir: Path, checkpoint: Path, tokenizer: Tokenizer, data: EvalData, samples: int = 3
+) -> dict:
+    """The demo's evaluation of an adapter (a lorafit run or a PEFT adapter directory) on the held-out notes."""
+    base_model = load_base(checkpoint)
+    with adapter_applied(base_model, run_dir, lambda: load_base(checkpoint)) as tuned_model:
+        return measure(tuned_model, tokenizer, data, True, cfg.max_new_tokens, score, samples)
 
 
 def load_base(checkpoint: Path) -> LLaMA:
