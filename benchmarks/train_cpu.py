@@ -11,8 +11,9 @@ is how each framework feeds it, as its users would:
   micro-batch 4 = global batch (no accumulation); one epoch = 64 optimizer steps;
 - lorafit: `lorafit.train.train` with its defaults, no switch: BatchPlan's length-grouped batches, the LM head only
   where labels exist, fused AdamW, `--precision auto` (bf16 mixed where this machine's bf16 matmul is >= 1.2x
-  float32, else float32; the table says which) and large buffers on transparent huge pages (lorafit.process, set
-  when lorafit is imported) (--change picks an earlier row of CHANGES, or adds a switch);
+  float32, else float32; the table says which), large buffers on transparent huge pages (lorafit.process, set
+  when lorafit is imported) and, under bf16 mixed, the frozen linear weights kept in bf16 as finetune keeps them
+  (Method.store_for_training) (--change picks an earlier row of CHANGES, or adds a switch);
 - PEFT: `get_peft_model` on transformers' LlamaForCausalLM (SDPA attention, no KV cache) in a plain PyTorch
   loop: records in file order, each batch padded to its longest sample (dynamic padding, as a DataCollator
   does) with an attention mask, HF's loss = mean over the labelled tokens; float32, its default (--changes also
@@ -207,12 +208,13 @@ CHANGES = (
         "+ buffers >= 2 MiB on transparent huge pages (lorafit.process, set on import) = lorafit's defaults",
         "huge-pages",
     ),  # fmt: skip
+    ("+ frozen linear weights kept in bf16 under bf16 mixed (Method.store_for_training)", "frozen-bf16"),
     ("+ buffers >= 1 MiB returned to the system when freed (--cpu-mmap-threshold 1048576, a switch)", "mmap-threshold"),
     ("+ activation checkpointing (--activation-checkpointing, a switch)", "activation-checkpointing"),
 )
 CHANGE_KEYS = [key for _, key in CHANGES]
 PEFT_ROWS = ("HF PEFT + transformers, float32 (the peer, as its users run it)", "HF PEFT, bf16 autocast (a switch)")
-DEFAULTS = "huge-pages"  # the last row of lorafit as it runs without a switch
+DEFAULTS = "frozen-bf16"  # the last row of lorafit as it runs without a switch
 
 
 def plain_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -247,13 +249,18 @@ def run_lorafit(dataset: TokenDataset, args: argparse.Namespace, run_dir: Path) 
     """One epoch of lorafit's own loop on its length-grouped batches (minus the changes after args.change)."""
     import lorafit.train
     from lorafit.checkpoint import load_model
-    from lorafit.lora import apply_lora
+    from lorafit.methods import get_method
+    from lorafit.runtime import resolve_precision
 
     undone = undo_changes_after(args.change)
     batches = lorafit.train.BatchPlan(dataset.lengths, MICRO_BATCH, SEED).batches(0)
     model = load_model(resolve_checkpoint(args.checkpoint))
-    apply_lora(model, LORA)
-    cfg = train_config(len(batches), precision="32-true" if "auto-precision" in undone else "auto")
+    precision = resolve_precision("32-true" if "auto-precision" in undone else "auto", torch.device("cpu"))
+    lora = get_method("lora")
+    lora.apply(model, LORA)
+    if "frozen-bf16" not in undone:
+        lora.store_for_training(model, LORA, precision)
+    cfg = train_config(len(batches), precision=precision)
     cfg.activation_checkpointing = args.change == "activation-checkpointing"
     if "mmap-threshold" not in undone:
         cfg.cpu_mmap_threshold = 1 << 20

@@ -303,7 +303,9 @@ def estimate_memory(
     shape = (micro_batch_size, max_seq_length, precision, rows)
 
     def trace(checkpointing: bool) -> _Trace:
-        return _trace_step(build_model(config, method, method_config, dtype), fused_head, *shape, checkpointing)
+        model = build_model(config, method, method_config, dtype)
+        method.store_for_training(model, method_config, precision)
+        return _trace_step(model, fused_head, *shape, checkpointing)
 
     plain = trace(False)
     traced = trace(True) if activation_checkpointing else plain

@@ -26,7 +26,7 @@ from lorafit.methods import Method, get_method
 from lorafit.methods.base import base_fingerprint
 from lorafit.model import LLaMA
 from lorafit.rundir import RunDirectoryError, RunLock, check_resume, read_run_file, start_fresh, write_run_file
-from lorafit.runtime import auto_precision_note, release_large_buffers, resolve_precision, weights_dtype
+from lorafit.runtime import auto_precision_note, autocast, release_large_buffers, resolve_precision, weights_dtype
 from lorafit.tokenizer import Tokenizer
 from lorafit.train import (
     TrainConfig,
@@ -201,6 +201,7 @@ def finetune_here(
             f"{model.config.block_size} positions; positions past it were never trained"
         )
     trainable = method.apply(model, method_config)
+    method.store_for_training(model, method_config, cfg.precision)
     total = method.parameter_count(model)
     distributed.print_main(
         f"{method.name}{f' ({method.describe(method_config)})' if method.describe(method_config) else ''}: "
@@ -212,7 +213,7 @@ def finetune_here(
     sample = held_out_sample(val_set if len(val_set) else train_set)
     on_eval = None
     if method.strategy != "fsdp" or distributed.world_size() == 1:
-        on_eval = sample_printer(model, tokenizer, *sample)
+        on_eval = sample_printer(model, tokenizer, *sample, precision=cfg.precision)
     if device.type == "cpu" and cfg.cpu_mmap_threshold is None and method.cpu_mmap_threshold:
         release_large_buffers(method.cpu_mmap_threshold)
     result = train(
@@ -270,8 +271,11 @@ def held_out_sample(dataset: TokenDataset) -> tuple[list[int], list[int]]:
     return input_ids[:start].tolist(), input_ids[start:].tolist()
 
 
-def sample_printer(model: LLaMA, tokenizer: Tokenizer, prompt: list[int], reference: list[int]):
-    """An on_eval callback that prints the model's greedy answer to a held-out record beside the reference."""
+def sample_printer(model: LLaMA, tokenizer: Tokenizer, prompt: list[int], reference: list[int], precision: str):
+    """An on_eval callback that prints the model's greedy answer to a held-out record beside the reference.
+
+    It generates in the training precision (under bf16-mixed the frozen weights may be stored in bf16).
+    """
     from lorafit.generate import generate
 
     def clean(ids: list[int]) -> str:
@@ -279,7 +283,8 @@ def sample_printer(model: LLaMA, tokenizer: Tokenizer, prompt: list[int], refere
 
     def show(step: int, val_loss: float) -> None:
         model.eval()
-        ids = list(generate(model, prompt, max_new_tokens=64, stop_ids=tokenizer.stop_ids))
+        with autocast(precision, next(model.parameters()).device):
+            ids = list(generate(model, prompt, max_new_tokens=64, stop_ids=tokenizer.stop_ids))
         model.clear_kv_cache()  # training must not run through a decoding cache
         model.train()
         print(f"\nstep {step}: val loss {val_loss:.4f}")

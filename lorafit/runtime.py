@@ -209,6 +209,33 @@ def autocast(precision: str, device: torch.device) -> AbstractContextManager:
     return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
 
 
+def store_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Keep each frozen linear layer's weight in `dtype`, the dtype autocast computes its products in.
+
+    Under bf16 autocast a float32 weight is cast on every call, and backward keeps the cast copy (the
+    input's gradient needs it): every step holds a second, bf16, copy of every frozen weight. Stored
+    in bf16 the products are bit for bit the same, and neither the casts nor the copies exist. Weights
+    that train, or that another kind of layer shares (an embedding tied to the LM head), stay as they
+    are. On the CPU every other tensor is copied off the checkpoint's memory map, so that the float32
+    pages are let go rather than kept resident beside the copies. Returns how many weights changed.
+    """
+    shared = {id(p) for m in model.modules() if not isinstance(m, torch.nn.Linear) for p in m.parameters(False)}
+    stored: dict[int, torch.nn.Parameter] = {}  # by the float32 weight's id: linears sharing one keep sharing
+    for module in model.modules():
+        weight = getattr(module, "weight", None) if isinstance(module, torch.nn.Linear) else None
+        if weight is None or weight.requires_grad or id(weight) in shared or weight.dtype == dtype:
+            continue
+        if id(weight) not in stored:
+            stored[id(weight)] = torch.nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+        module.weight = stored[id(weight)]
+    if stored:
+        kept = {id(p) for p in stored.values()}
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.device.type == "cpu" and id(tensor) not in kept:
+                tensor.data = tensor.data.clone()
+    return len(stored)
+
+
 def peak_memory_bytes(device: torch.device | str) -> int:
     """Peak memory so far: allocated tensors on CUDA, the process's peak resident set size on the CPU."""
     device = torch.device(device)

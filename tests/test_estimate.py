@@ -64,7 +64,9 @@ def test_saved_tensors_counts_each_storage_once():
 def _small_model(method: str, precision: str, config: LoRAConfig | AdapterConfig | None = None) -> LLaMA:
     torch.manual_seed(0)
     model = LLaMA(SMALL).to(torch.bfloat16 if precision == "bf16-true" else torch.float32)
-    get_method(method).apply(model, config or get_method(method).default_config())
+    config = config or get_method(method).default_config()
+    get_method(method).apply(model, config)
+    get_method(method).store_for_training(model, config, precision)  # as finetune does
     return model.train()
 
 

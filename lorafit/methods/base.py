@@ -16,6 +16,7 @@ import torch
 
 from lorafit.checkpoint import load_model, save_hf_model
 from lorafit.model import LLaMA
+from lorafit.runtime import store_frozen_linears
 from lorafit.tokenizer import Tokenizer
 
 
@@ -82,6 +83,12 @@ class Method:
     def load_base(self, path: Path, dtype: torch.dtype, device: torch.device | str, config: Any) -> LLaMA:
         """The base model the method trains on; by default as the checkpoint stores it, in `dtype`."""
         return load_model(path, dtype=dtype, device=device)
+
+    def store_for_training(self, model: LLaMA, config: Any, precision: str) -> None:
+        """Keep the applied model's weights in the dtypes training needs: under bf16-mixed the frozen linear
+        weights only enter autocast's bf16 products, so they are kept in bf16 (runtime.store_frozen_linears)."""
+        if precision == "bf16-mixed":
+            store_frozen_linears(model, torch.bfloat16)
 
     def parameter_count(self, model: LLaMA) -> int:
         """The model's parameters, frozen and trained (tied weights once)."""

@@ -37,6 +37,10 @@ class LoRA(Method):
     def apply(self, model: LLaMA, config: LoRAConfig) -> int:
         return apply_lora(model, config)
 
+    def store_for_training(self, model: LLaMA, config: LoRAConfig, precision: str) -> None:
+        if not config.dora:  # DoRA takes the norm ||W + s B A|| of the float32 weight every step
+            super().store_for_training(model, config, precision)
+
     def fused_head(self, config: LoRAConfig) -> bool:
         return "lm_head" not in config.targets
 
