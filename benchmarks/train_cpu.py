@@ -11,14 +11,15 @@ is how each framework feeds it, as its users would:
   micro-batch 4 = global batch (no accumulation); one epoch = 64 optimizer steps;
 - lorafit: `lorafit.train.train` with its defaults, no switch: BatchPlan's length-grouped batches, the LM head only
   where labels exist, fused AdamW, `--precision auto` (bf16 mixed where this machine's bf16 matmul is >= 1.2x
-  float32, else float32; the table says which), large buffers on transparent huge pages (lorafit.process, set
-  when lorafit is imported) and, under bf16 mixed, the frozen linear weights kept in bf16 as finetune keeps them
-  (Method.store_for_training) (--change picks an earlier row of CHANGES, or adds a switch);
+  float32, else float32; the table says which), under bf16 mixed the frozen linear weights kept in bf16 as
+  finetune keeps them (Method.store_for_training), and lorafit.process's settings, made when lorafit is imported
+  (large buffers on transparent huge pages, 64 oneDNN primitives kept) (--change picks an earlier row of CHANGES,
+  or adds a switch);
 - PEFT: `get_peft_model` on transformers' LlamaForCausalLM (SDPA attention, no KV cache) in a plain PyTorch
   loop: records in file order, each batch padded to its longest sample (dynamic padding, as a DataCollator
   does) with an attention mask, HF's loss = mean over the labelled tokens; float32, its default (--changes also
-  runs it under bf16 autocast, which its users can switch on); torch's allocator defaults (THP_MEM_ALLOC_ENABLE=0
-  in its worker, which imports lorafit's data code).
+  runs it under bf16 autocast, which its users can switch on); torch's and oneDNN's own defaults in its worker
+  (which imports lorafit's data code, so they are set explicitly: LIBRARY_DEFAULTS).
 
 Runs alternate (lorafit, PEFT, lorafit, PEFT, ...), each in its own subprocess; per framework we print the median
 over --repeats of: wall time of the epoch, real (non-padding) tokens/s, padding share of the tokens fed, peak
@@ -205,16 +206,20 @@ CHANGES = (
     ("+ AdamW fused on the CPU", "fused-adamw"),
     ("+ precision by measurement (--precision auto: bf16 mixed where bf16 matmul is faster)", "auto-precision"),
     (
-        "+ buffers >= 2 MiB on transparent huge pages (lorafit.process, set on import) = lorafit's defaults",
+        "+ buffers >= 2 MiB on transparent huge pages (lorafit.process, set on import)",
         "huge-pages",
     ),  # fmt: skip
     ("+ frozen linear weights kept in bf16 under bf16 mixed (Method.store_for_training)", "frozen-bf16"),
+    (
+        "+ oneDNN keeps 64 primitives, not 1024 (lorafit.process, set on import) = lorafit's defaults",
+        "primitive-cache",
+    ),  # fmt: skip
     ("+ buffers >= 1 MiB returned to the system when freed (--cpu-mmap-threshold 1048576, a switch)", "mmap-threshold"),
     ("+ activation checkpointing (--activation-checkpointing, a switch)", "activation-checkpointing"),
 )
 CHANGE_KEYS = [key for _, key in CHANGES]
 PEFT_ROWS = ("HF PEFT + transformers, float32 (the peer, as its users run it)", "HF PEFT, bf16 autocast (a switch)")
-DEFAULTS = "frozen-bf16"  # the last row of lorafit as it runs without a switch
+DEFAULTS = "primitive-cache"  # the last row of lorafit as it runs without a switch
 
 
 def plain_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -331,15 +336,23 @@ def worker(args: argparse.Namespace) -> None:
     Path(args.result).write_text(json.dumps(result))
 
 
+PROCESS_SETTINGS = {"huge-pages": "THP_MEM_ALLOC_ENABLE", "primitive-cache": "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+"""The CHANGES row that turns each of lorafit.process's settings on."""
+LIBRARY_DEFAULTS = {"THP_MEM_ALLOC_ENABLE": "0", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}  # torch's, oneDNN's
+
+
 def worker_env(options: list[str]) -> dict[str, str]:
-    """A worker's environment: lorafit's process settings (lorafit.process) where lorafit runs with its defaults
-    up to "huge-pages"; PEFT and the earlier rows of CHANGES run without them, as a program that never imports
-    lorafit does. They must be in place when the interpreter starts, so they cannot be undone inside the worker."""
+    """A worker's environment: each of lorafit's process settings (lorafit.process) from its row of CHANGES on;
+    PEFT and the earlier rows get the libraries' own defaults, as a program that never imports lorafit does.
+    They must be in place when the interpreter starts (lorafit.process leaves a value already set alone), so
+    they cannot be undone inside the worker."""
     framework = options[options.index("--worker") + 1]
     change = options[options.index("--change") + 1] if "--change" in options else DEFAULTS
-    with_settings = framework != "peft" and CHANGE_KEYS.index(change) >= CHANGE_KEYS.index("huge-pages")
-    off = {"THP_MEM_ALLOC_ENABLE": "0"}  # lorafit.process leaves a value that is already set alone
-    return os.environ | (PROCESS_ENV if with_settings else off)
+    env = dict(os.environ)
+    for row, name in PROCESS_SETTINGS.items():
+        applied = framework != "peft" and CHANGE_KEYS.index(change) >= CHANGE_KEYS.index(row)
+        env[name] = PROCESS_ENV[name] if applied else LIBRARY_DEFAULTS[name]
+    return env
 
 
 def run_worker(args: argparse.Namespace, out: Path, options: list[str]) -> dict | None:
