@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from safetensors.torch import save_file
 from lorafit.data import IGNORE_INDEX, collate
 from lorafit.lora import LoRAConfig
 from lorafit.train import (
+    SupervisedLoss,
     TrainConfig,
     evaluate,
     latest_checkpoint,
@@ -107,6 +109,33 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
         torch.testing.assert_close(accumulated[name], big[name], rtol=0, atol=1e-5, msg=name)
     initial = tiny_model("full").layers[0].self_attn.q_proj.weight
     assert not torch.equal(big["layers.0.self_attn.q_proj.weight"], initial)  # the steps did move the weights
+
+
+def test_a_micro_batch_s_graph_is_freed_before_the_next_forward(tmp_path, monkeypatch):
+    """A finished graph left alive through the next step fragments the CPU heap (train.py says by how much)."""
+    alive: list[weakref.ref] = []
+
+    class Marker(torch.autograd.Function):  # its node, and so its ctx, lives as long as the graph does
+        @staticmethod
+        def forward(ctx, loss: torch.Tensor) -> torch.Tensor:
+            ctx.marker = torch.nn.Identity()
+            alive.append(weakref.ref(ctx.marker))
+            return loss.clone()
+
+        @staticmethod
+        def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+            return grad
+
+    plain_forward = SupervisedLoss.forward
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        assert all(ref() is None for ref in alive), "an earlier micro-batch's graph is still alive"
+        return Marker.apply(plain_forward(self, input_ids, labels))
+
+    monkeypatch.setattr(SupervisedLoss, "forward", forward)
+    cfg = small_config(max_steps=3, micro_batch_size=2, global_batch_size=4)
+    train(tiny_model("lora"), tiny_dataset(8), None, cfg, tmp_path, PAD, progress=False)
+    assert len(alive) == 6  # 3 steps of 2 micro-batches, each checked before its forward
 
 
 # ---- learning -----------------------------------------------------------------------------------
