@@ -13,8 +13,8 @@ is how each framework feeds it, as its users would:
   where labels exist, fused AdamW, `--precision auto` (bf16 mixed where this machine's bf16 matmul is >= 1.2x
   float32, else float32; the table says which), under bf16 mixed the frozen linear weights kept in bf16 as
   finetune keeps them (Method.store_for_training), and lorafit.process's settings, made when lorafit is imported
-  (large buffers on transparent huge pages, 64 oneDNN primitives kept) (--change picks an earlier row of CHANGES,
-  or adds a switch);
+  (large buffers on transparent huge pages, 64 oneDNN primitives kept per cache) (--change picks an earlier row
+  of CHANGES, or adds a switch);
 - PEFT: `get_peft_model` on transformers' LlamaForCausalLM (SDPA attention, no KV cache) in a plain PyTorch
   loop: records in file order, each batch padded to its longest sample (dynamic padding, as a DataCollator
   does) with an attention mask, HF's loss = mean over the labelled tokens; float32, its default (--changes also
@@ -211,7 +211,7 @@ CHANGES = (
     ),  # fmt: skip
     ("+ frozen linear weights kept in bf16 under bf16 mixed (Method.store_for_training)", "frozen-bf16"),
     (
-        "+ oneDNN keeps 64 primitives, not 1024 (lorafit.process, set on import) = lorafit's defaults",
+        "+ oneDNN's and ideep's caches keep 64 primitives, not 1024 (lorafit.process) = lorafit's defaults",
         "primitive-cache",
     ),  # fmt: skip
     ("+ buffers >= 1 MiB returned to the system when freed (--cpu-mmap-threshold 1048576, a switch)", "mmap-threshold"),
@@ -336,9 +336,17 @@ def worker(args: argparse.Namespace) -> None:
     Path(args.result).write_text(json.dumps(result))
 
 
-PROCESS_SETTINGS = {"huge-pages": "THP_MEM_ALLOC_ENABLE", "primitive-cache": "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+PROCESS_SETTINGS = {
+    "huge-pages": ("THP_MEM_ALLOC_ENABLE",),
+    "primitive-cache": ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"),
+}
 """The CHANGES row that turns each of lorafit.process's settings on."""
-LIBRARY_DEFAULTS = {"THP_MEM_ALLOC_ENABLE": "0", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}  # torch's, oneDNN's
+# torch's allocator, oneDNN's and ideep's own defaults
+LIBRARY_DEFAULTS = {
+    "THP_MEM_ALLOC_ENABLE": "0",
+    "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024",
+    "LRU_CACHE_CAPACITY": "1024",
+}
 
 
 def worker_env(options: list[str]) -> dict[str, str]:
@@ -349,9 +357,9 @@ def worker_env(options: list[str]) -> dict[str, str]:
     framework = options[options.index("--worker") + 1]
     change = options[options.index("--change") + 1] if "--change" in options else DEFAULTS
     env = dict(os.environ)
-    for row, name in PROCESS_SETTINGS.items():
+    for row, names in PROCESS_SETTINGS.items():
         applied = framework != "peft" and CHANGE_KEYS.index(change) >= CHANGE_KEYS.index(row)
-        env[name] = PROCESS_ENV[name] if applied else LIBRARY_DEFAULTS[name]
+        env |= {name: PROCESS_ENV[name] if applied else LIBRARY_DEFAULTS[name] for name in names}
     return env
 
 

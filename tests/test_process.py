@@ -55,3 +55,16 @@ def test_importing_lorafit_keeps_64_onednn_primitives_unless_the_user_said_other
     assert last_primitive_lookup("import torch") == "create:cache_hit"  # oneDNN's default keeps 1024
     assert last_primitive_lookup("import lorafit, torch") == "create:cache_miss"  # 65 shapes later, evicted
     assert last_primitive_lookup("import lorafit, torch", ONEDNN_PRIMITIVE_CACHE_CAPACITY="1024") == "create:cache_hit"
+
+
+def test_importing_lorafit_keeps_64_of_ideep_s_primitives_unless_the_user_said_otherwise():
+    show = "import os\nexec(sys.argv[1])\nprint(os.environ.get('LRU_CACHE_CAPACITY'))"
+    clean = {k: v for k, v in os.environ.items() if k != "LRU_CACHE_CAPACITY"}
+
+    def value(imports: str, **env: str) -> str:
+        command = [sys.executable, "-c", "import sys\n" + show, imports]
+        return subprocess.run(command, capture_output=True, text=True, check=True, env=clean | env).stdout.strip()
+
+    assert value("import torch") == "None"
+    assert value("import lorafit") == "64"
+    assert value("import lorafit", LRU_CACHE_CAPACITY="1024") == "1024"
