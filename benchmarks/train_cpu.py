@@ -165,8 +165,8 @@ def plain_lora_forward(self, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x, self.weight) + self.lora_B(self.lora_A(h)) * self.scaling
 
 
-def unchunked_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The LM head and cross-entropy at the supervised positions in one piece."""
+def unchunked_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor, fused_head: bool = True) -> torch.Tensor:
+    """The LM head and cross-entropy at the supervised positions in one piece (fused_head: as train passes it)."""
     hidden = model.hidden_states(input_ids)[:, :-1]
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
@@ -174,8 +174,9 @@ def unchunked_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor) -> 
     return torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
 
-def full_head_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The LM head at every position, then cross-entropy ignoring the unlabelled ones (what HF does)."""
+def full_head_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor, fused_head: bool = True) -> torch.Tensor:
+    """The LM head at every position, then cross-entropy ignoring the unlabelled ones (what HF does; fused_head:
+    as train passes it)."""
     logits = model(input_ids)[:, :-1].float()
     return torch.nn.functional.cross_entropy(
         logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
