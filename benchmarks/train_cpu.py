@@ -39,7 +39,7 @@ warm-up step, and peak RSS.
 
     python benchmarks/train_cpu.py --json train_cpu.json              # 2 repeats: ~15 min on 2 quiet cores
     python benchmarks/train_cpu.py --records 8 --repeats 1            # smoke test, under a minute
-    python benchmarks/train_cpu.py --changes --json train_cpu_changes.json     # 12 runs: ~35 min
+    python benchmarks/train_cpu.py --changes --json train_cpu_changes.json     # 14 runs: ~45 min
     python benchmarks/train_cpu.py --scaling --json train_cpu_scaling.json                 # 12 cells, ~10 min
     python benchmarks/train_cpu.py --scaling --lengths 128,256 --batches 1,4 --steps 1     # smoke test, ~1 min
 
