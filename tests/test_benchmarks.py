@@ -75,3 +75,26 @@ def test_model_flops_count() -> None:
     assert gpu.peak_flops("NVIDIA L40S") == 362e12
     assert gpu.peak_flops("NVIDIA L4") == 121e12
     assert gpu.peak_flops("Tesla T4") is None
+
+
+def test_train_cpu_changes_replace_the_loss_with_the_same_value() -> None:
+    """--changes swaps supervised_loss_sum for its plain forms; they take train's arguments and agree with it."""
+    import torch
+
+    from lorafit.data import collate
+    from lorafit.train import supervised_loss_sum
+    from tests.conftest import PAD, tiny_dataset, tiny_model
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("train_cpu_benchmark", REPO / "benchmarks" / "train_cpu.py")
+        train_cpu = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(train_cpu)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    model = tiny_model("lora").train()
+    data = tiny_dataset(2)
+    input_ids, labels = collate([data[0], data[1]], PAD)
+    want = supervised_loss_sum(model, input_ids, labels, True)
+    for plain in (train_cpu.unchunked_loss_sum, train_cpu.full_head_loss_sum):
+        torch.testing.assert_close(plain(model, input_ids, labels, True), want, rtol=1e-5, atol=1e-5)
