@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from lorafit.io import write_json
-from lorafit.ops import DecodeLinear, linear
+from lorafit.ops import DecodeLinear, join_linears, linear
 
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
 DTYPES = {
@@ -310,6 +310,9 @@ def use_decode_kernels(model: torch.nn.Module) -> None:
     values unchanged); a LoRA or LLaMA-Adapter v2 layer gets ops.linear as its base product, and one that
     wraps a DecodeLinear later keeps it. Prefill and anything under autograd take F.linear as before. The
     compiled decode step writes its own kernels: it is not combined with this.
+
+    A Llama block's query, key and value projections, and its gate and up projections, are then joined
+    (ops.join_linears: their weights become views of one tensor), so decoding computes each group as one product.
     """
     for name, module in list(model.named_modules()):
         if type(module) is torch.nn.Linear:
@@ -317,3 +320,7 @@ def use_decode_kernels(model: torch.nn.Module) -> None:
             setattr(model.get_submodule(parent), child, DecodeLinear.wrap(module))
         elif isinstance(module, torch.nn.Linear):
             module.product = linear
+    for block in getattr(model, "layers", ()):
+        attention, mlp = block.self_attn, block.mlp
+        join_linears((attention.q_proj, attention.k_proj, attention.v_proj))
+        join_linears((mlp.gate_proj, mlp.up_proj))

@@ -258,3 +258,91 @@ def test_decode_kernels_keep_the_model_and_its_answers(bmm_calls: list) -> None:
         assert alive() is None
     finally:
         gc.enable()
+
+
+def test_decode_kernels_join_each_blocks_projections_without_copying_them(bmm_calls: list, tmp_path) -> None:
+    from lorafit.checkpoint import load_model, save_hf_model
+    from lorafit.runtime import use_decode_kernels
+    from tests.conftest import tiny_model
+
+    model, reference = tiny_model().eval(), tiny_model().eval()
+    use_decode_kernels(model)
+    attention, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    for group in ((attention.q_proj, attention.k_proj, attention.v_proj), (mlp.gate_proj, mlp.up_proj)):
+        joined = group[0].joined
+        assert joined is not None and joined.sizes == tuple(layer.out_features for layer in group)
+        # Each layer's weight is a view of the joined tensor: one copy of the weights, under the same names.
+        assert all(layer.weight.untyped_storage().data_ptr() == joined.weight.data_ptr() for layer in group)
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+    tokens = torch.tensor([[5, 9, 2, 7]])
+    model.setup_kv_cache(1, 8)
+    reference.setup_kv_cache(1, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), reference(tokens), rtol=1e-5, atol=1e-5)
+        bmm_calls.clear()
+        torch.testing.assert_close(model(tokens[:, :1], 4), reference(tokens[:, :1], 4), rtol=1e-5, atol=1e-5)
+    parts = max(2, torch.get_num_threads())
+    qkv_rows = attention.q_proj.out_features + 2 * attention.k_proj.out_features
+    hidden = mlp.gate_proj.out_features
+    # Per block one product for q, k and v, then o, one for gate and up, then down; then the LM head.
+    block = [(parts, qkv_rows // parts, 32), (parts, 32 // parts, 32), (parts, 2 * hidden // parts, 32)]
+    block.append((parts, 32 // parts, hidden))
+    assert bmm_calls == block * len(model.layers) + [(parts, model.config.vocab_size // parts, 32)]
+
+    # A saved decoding model is the model: the views are written as their own tensors.
+    save_hf_model(model.state_dict(), model.config, tmp_path / "saved")
+    saved = load_model(tmp_path / "saved")
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(saved.state_dict()[name], tensor), name
+
+
+def test_project_computes_layers_one_by_one_once_a_joined_weight_is_replaced() -> None:
+    from lorafit.lora import LoRAConfig, apply_lora, merge_lora
+    from lorafit.runtime import use_decode_kernels
+    from tests.conftest import tiny_model
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 32)
+    model = tiny_model().eval()
+    use_decode_kernels(model)
+    attention = model.layers[0].self_attn
+    layers = (attention.q_proj, attention.k_proj, attention.v_proj)
+    attention.k_proj.weight = torch.nn.Parameter(torch.randn_like(attention.k_proj.weight))  # e.g. a load
+    with torch.no_grad():
+        for got, layer in zip(ops.project(x, layers), layers, strict=True):
+            torch.testing.assert_close(got, F.linear(x, layer.weight))
+        # In-place writes go to the joined tensor itself, so the joined product stays right.
+        mlp = model.layers[0].mlp
+        mlp.up_proj.weight.mul_(2)
+        for got, layer in zip(ops.project(x, (mlp.gate_proj, mlp.up_proj)), (mlp.gate_proj, mlp.up_proj), strict=True):
+            torch.testing.assert_close(got, F.linear(x, layer.weight))
+
+    # LoRA wraps joined layers: its update is part of the answer, merged or not.
+    model, reference = tiny_model().eval(), tiny_model().eval()
+    use_decode_kernels(model)
+    for m in (model, reference):
+        torch.manual_seed(1)
+        apply_lora(m, LoRAConfig(r=2, alpha=4, targets="all"))
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p)
+        m.eval()  # LoRA's new dropout layers start in training mode
+    tokens = torch.tensor([[5, 9, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), reference(tokens), rtol=1e-5, atol=1e-5)
+        merge_lora(model)
+        torch.testing.assert_close(model(tokens), reference(tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_project_leaves_training_to_the_layers_own_parameters() -> None:
+    from lorafit.runtime import use_decode_kernels
+    from tests.conftest import tiny_model
+
+    model = tiny_model()
+    use_decode_kernels(model)
+    model(torch.tensor([[5, 9, 2]])).sum().backward()
+    joined = [p for n, p in model.named_parameters() if n.endswith(("q_proj.weight", "up_proj.weight"))]
+    assert joined and all(p.grad is not None for p in joined)
