@@ -180,7 +180,8 @@ def finetune_here(
             for note in check_resume(saved, fields, run_dir):
                 print(f"resume: {note}")
             fields |= {k: saved.get(k) for k in ("run_id", "started", "base_fingerprint")}
-            resume_path = checkpoint_to_resume(run_dir, resume, saved["run_id"], total_steps(cfg, len(train_set)))
+            n_steps, outputs_written = total_steps(cfg, len(train_set)), method.has_files(run_dir)
+            resume_path = checkpoint_to_resume(run_dir, resume, saved["run_id"], n_steps, outputs_written)
         write_run_file(run_dir, fields)
     distributed.barrier()
     if not distributed.is_main():  # the others follow rank 0's decisions, read back from the shared directory
@@ -242,8 +243,14 @@ def finetune_here(
     return result
 
 
-def checkpoint_to_resume(run_dir: Path, resume: str | Path, run_id: str, n_steps: int | None) -> Path:
-    """The checkpoint a resume starts from, checked to belong to this run and to lie within its schedule."""
+def checkpoint_to_resume(
+    run_dir: Path, resume: str | Path, run_id: str, n_steps: int | None, outputs_written: bool = True
+) -> Path:
+    """The checkpoint a resume starts from, checked to belong to this run and to lie within its schedule.
+
+    A run stopped after its last checkpoint but before its outputs were written (`outputs_written` False) resumes
+    from that checkpoint: no step is left, and the outputs are written from it.
+    """
     path = latest_checkpoint(run_dir) if str(resume) == "auto" else Path(resume)
     if path is None:
         raise RunDirectoryError(
@@ -253,8 +260,10 @@ def checkpoint_to_resume(run_dir: Path, resume: str | Path, run_id: str, n_steps
     state = checkpoint_state(path)
     if state.get("run_id") != run_id:
         raise RunDirectoryError(f"{path}: this checkpoint belongs to another run than the one in {run_dir}")
-    if n_steps is not None and state["step"] >= n_steps:
-        finished = state["step"] == n_steps
+    finished = state["step"] == n_steps
+    if finished and not outputs_written:
+        print(f"resume: the run had trained all {n_steps} steps; writing its outputs from {path}")
+    elif n_steps is not None and state["step"] >= n_steps:
         raise RunDirectoryError(
             f"{path}: the run {'already finished' if finished else 'went beyond'} step {n_steps} "
             f"(checkpoint at step {state['step']}); nothing to resume. To train on, ask for more steps "

@@ -73,6 +73,18 @@ def test_a_fresh_run_into_a_directory_holding_another_run_is_refused(numbers, ti
     assert len(list((out / "checkpoints").iterdir())) == 2  # only this run's (keep_checkpoints=2)
 
 
+def test_a_run_stopped_after_its_last_checkpoint_resumes_to_write_its_outputs(numbers, tiny_checkpoint, tmp_path):
+    out = tmp_path / "run"
+    run(numbers, out, tiny_checkpoint, max_steps=4)
+    adapter = (out / "adapter_model.safetensors").read_bytes()
+    for name in ("adapter_model.safetensors", "adapter_config.json", "loss.png"):
+        (out / name).unlink()  # as a kill between the last checkpoint and the outputs leaves it
+    result = run(numbers, out, tiny_checkpoint, resume="auto", max_steps=4)
+    assert result.steps == 0
+    assert (out / "adapter_model.safetensors").read_bytes() == adapter
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
+
+
 def test_resume_refuses_what_changes_the_run_and_notes_what_may_change(numbers, tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "run"
     run(numbers, out, tiny_checkpoint, max_steps=4)
