@@ -69,7 +69,7 @@ def main() -> None:
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode == 0:
             results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        else:  # e.g. nf4 under torch.compile: the row says why, the others still run
+        else:  # a row that fails says why, and the others still run
             error = (done.stderr.strip().splitlines() or ["no message"])[-1]
             print(f"  failed: {error}", file=sys.stderr, flush=True)
             results.append({"engine": engine, "weights": weights, "error": error, "answers": []})

@@ -153,12 +153,39 @@ class QuantizedLinear(nn.Module):
         dtype = dtype or self.dtype
         if self.scheme == "int8":
             return (self.qweight.float() * self.scale[:, None]).to(dtype)
+        if torch.compiler.is_compiling():
+            return self.nf4_weight().to(dtype)
         flat = _bitsandbytes().functional.dequantize_4bit(self.qweight, self.quant_state(dtype))
         return flat.reshape(self.out_features, self.in_features)
+
+    def nf4_weight(self) -> torch.Tensor:
+        """The float32 (out, in) weight of the nf4 codes, written in plain PyTorch operations.
+
+        For torch.compile, which cannot trace bitsandbytes' CPU operator (its shape function fails), and which
+        fuses these index computations into the product that reads the weight. Element j is NF4 level
+        code[c_j] times its block's absmax, c_j being the high 4 bits of byte j // 2 for even j, the low 4 for
+        odd j (bitsandbytes' packing); with double quantisation the absmax is itself code2[a] * absmax2 + offset.
+        The values equal bitsandbytes' dequantize_4bit bit for bit (tests/test_quant.py).
+        """
+        j = torch.arange(self.out_features * self.in_features, device=self.qweight.device)
+        packed = self.qweight.reshape(-1)[j // 2].to(torch.int32)
+        levels = self.code[(packed >> (4 * (1 - j % 2))) & 15]
+        block = j // BLOCK_SIZE
+        if self.scheme == "nf4-dq":
+            absmax = self.code2[self.absmax[block].long()] * self.absmax2[block // SCALE_BLOCK_SIZE] + self.offset
+        else:
+            absmax = self.absmax[block]
+        return (levels * absmax).reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scheme == "int8" and not (torch.is_grad_enabled() and x.requires_grad):
             out = int8_linear(x, self.qweight, self.scale, self.scale_bf16)
+        elif torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x.requires_grad):
+            # Decoding one row: the product as a multiply-and-sum over the weight, which inductor emits as one
+            # loop reading the 4-bit codes (a plain F.linear would first store the whole float weight).
+            weight = self.dequantize(x.dtype)
+            single = x.shape[:-1].numel() == 1
+            out = (x.unsqueeze(-2) * weight).sum(-1) if single else F.linear(x, weight)
         else:
             out = _DequantizedLinear.apply(x, self)
         return out if self.bias is None else out + self.bias.to(out.dtype)

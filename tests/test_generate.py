@@ -98,6 +98,21 @@ def test_compiled_int8_decoding_equals_eager_int8():
     assert counters["inductor"]["decompose_mm"] == 1
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="torch.compile needs a C++ compiler")
+def test_compiled_nf4_decoding_equals_eager_nf4():
+    """bitsandbytes' CPU operator cannot be traced; under torch.compile the nf4 layers dequantise in plain PyTorch
+    (QuantizedLinear.nf4_weight) inside the one-row reduction, and give the eager nf4 tokens."""
+    pytest.importorskip("bitsandbytes")
+    from lorafit.quant import quantize_model
+
+    _, model = conftest.make_pair()
+    quantize_model(model, "nf4-dq")
+    eager = list(generate(model, PROMPT, max_new_tokens=10))
+    compiled = list(generate(model, PROMPT, max_new_tokens=10, compiled=True))
+    assert compiled == eager and len(set(eager)) > 3
+
+
 def test_generation_stops_after_a_stop_id():
     _, model = make_pair()
     free = list(generate(model, PROMPT, max_new_tokens=15))

@@ -95,6 +95,14 @@ def test_nf4_codes_and_values_equal_bitsandbytes_and_the_paper(scheme, shape):
     assert torch.all(chosen <= nearest + 1e-6)
 
 
+@pytest.mark.parametrize("scheme", ["nf4", "nf4-dq"])
+@pytest.mark.parametrize("shape", [*SHAPES, (7, 9), (3, 64 * 257)])
+def test_nf4_weight_in_plain_pytorch_equals_bitsandbytes_dequantization(scheme, shape):
+    """The form torch.compile traces: an odd count of codes (a padded last byte), a part block, more than 256 blocks."""
+    layer = QuantizedLinear.from_weight(weight(shape), scheme)
+    assert torch.equal(layer.nf4_weight(), layer.dequantize(torch.float32))
+
+
 @pytest.mark.parametrize("scheme", ["nf4", "nf4-dq", "int8"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_quantized_linear_is_within_the_schemes_error_bound(scheme, shape):
