@@ -7,6 +7,7 @@ converted on disk: safetensors and .pth files are memory-mapped and mapped by na
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -115,6 +116,7 @@ def load_model(
         expected.pop("lm_head.weight")
         state.pop("lm_head.weight", None)
     _check_tensors(state, expected, path)
+    fingerprint = weights_fingerprint([state[name] for name in fingerprint_names(config)])
     # Move tensors one at a time, dropping each source as we go, so a cast never holds two copies.
     loaded = {}
     for name in expected:
@@ -127,7 +129,24 @@ def load_model(
             setattr(model.get_submodule(parent), child, module)
     model.load_state_dict(loaded, strict=False, assign=True)
     model.tie_weights()
+    model.checkpoint_fingerprint = fingerprint
     return model.eval()
+
+
+def fingerprint_names(config: Config) -> list[str]:
+    """The tensors a base's fingerprint reads: the embedding and two norms, never the block linears (which a
+    quantised base holds as codes)."""
+    return ["embed_tokens.weight", "norm.weight", f"layers.{config.n_layer - 1}.post_attention_layernorm.weight"]
+
+
+def weights_fingerprint(tensors: list[torch.Tensor]) -> str:
+    """A short hash of the embedding's first 8 rows and the norms (fingerprint_names): two bases with the same
+    shapes still differ in it."""
+    digest = hashlib.sha256()
+    embedding, *norms = tensors
+    for tensor in [embedding[:8], *norms]:
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def read_gguf(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:

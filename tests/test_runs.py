@@ -349,6 +349,11 @@ def test_a_run_is_not_applied_to_another_base_with_the_same_shapes(numbers, tiny
     with pytest.raises(ValueError, match=r"trained on another base model than .*other .*fingerprint"):
         LLM.load(tmp_path / "other", adapter=out)
     LLM.load(tiny_checkpoint, adapter=out)  # its own base is fine
+    # in any dtype: the fingerprint is of the checkpoint's tensors as stored, not as loaded (this float32 run
+    # was refused on its own base in bf16 before)
+    assert LLM.load(tiny_checkpoint, adapter=out, dtype=torch.bfloat16).model.norm.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"trained on another base model"):
+        LLM.load(tmp_path / "other", adapter=out, dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from lorafit.checkpoint import load_model, save_hf_model
+from lorafit.checkpoint import fingerprint_names, load_model, save_hf_model, weights_fingerprint
 from lorafit.model import LLaMA
 from lorafit.runtime import store_frozen_linears
 from lorafit.tokenizer import Tokenizer
@@ -173,16 +173,15 @@ def run_record(run_dir: Path) -> dict[str, Any]:
 
 
 def base_fingerprint(model: LLaMA) -> str:
-    """A short hash of a few of the base model's weights: two bases with the same shapes still differ in it.
+    """The base's fingerprint (checkpoint.weights_fingerprint) of its tensors as the checkpoint stores them.
 
-    The embedding and norms are read, never the block linears, which a quantised base holds as codes."""
-    import hashlib
-
-    probes = [model.embed_tokens.weight[:8], model.norm.weight, model.layers[-1].post_attention_layernorm.weight]
-    digest = hashlib.sha256()
-    for tensor in probes:
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    load_model takes it before casting, so a run trained in float32 applies to its base loaded in bf16 too (and
+    the other way round). A model not loaded from a checkpoint is fingerprinted from its weights as they are.
+    """
+    stored = getattr(model, "checkpoint_fingerprint", None)
+    if stored is not None:
+        return stored
+    return weights_fingerprint([model.state_dict()[name] for name in fingerprint_names(model.config)])
 
 
 def check_base(model: LLaMA, run_dir: Path, base: Path) -> None:
