@@ -184,23 +184,25 @@ class JoinedWeights:
     pointers: tuple[int, ...]
 
 
-def join_linears(layers: Sequence[torch.nn.Module]) -> None:
+def join_linears(layers: Sequence[torch.nn.Module]) -> list[torch.Tensor]:
     """Store the weights of DecodeLinears that read the same input as row blocks of one tensor, in place.
 
     Each layer keeps its own weight (same name, values and requires_grad), now a view into the joined tensor,
-    so memory does not grow; the first layer records the join for `project`. Layers that are not plain
-    DecodeLinears without bias, or whose weights differ in dtype, device or input width, are left as they are.
+    and the first layer records the join for `project`. Returns the weights it replaced (for the caller to let
+    go of; see runtime.use_decode_kernels). Layers that are not plain DecodeLinears without bias, or whose
+    weights differ in dtype, device or input width, are left as they are (and [] returned).
     """
     if not all(type(layer) is DecodeLinear and layer.bias is None for layer in layers):
-        return
+        return []
     weights = [layer.weight for layer in layers]
     if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1 or weights[0].is_meta:
-        return
+        return []
     joined = torch.cat([w.detach() for w in weights])
     views = joined.split([w.shape[0] for w in weights])
     for layer, weight, view in zip(layers, weights, views, strict=True):
         layer.weight = torch.nn.Parameter(view, requires_grad=weight.requires_grad)
     layers[0].joined = JoinedWeights(joined, tuple(len(v) for v in views), tuple(v.data_ptr() for v in views))
+    return weights
 
 
 def project(x: torch.Tensor, layers: Sequence[torch.nn.Module]) -> list[torch.Tensor]:

@@ -322,5 +322,40 @@ def use_decode_kernels(model: torch.nn.Module) -> None:
             module.product = linear
     for block in getattr(model, "layers", ()):
         attention, mlp = block.self_attn, block.mlp
-        join_linears((attention.q_proj, attention.k_proj, attention.v_proj))
-        join_linears((mlp.gate_proj, mlp.up_proj))
+        replaced = join_linears((attention.q_proj, attention.k_proj, attention.v_proj))
+        replaced += join_linears((mlp.gate_proj, mlp.up_proj))
+        release_mapped_pages(replaced)
+
+
+def release_mapped_pages(tensors: list[torch.Tensor]) -> int:
+    """Drop this process's resident pages of tensors that lie in a file mapping and are no longer used; returns
+    the bytes dropped.
+
+    A checkpoint is memory-mapped: the model's weights are the file's pages. A copy made from them (joining the
+    projections for decoding) leaves those pages resident as long as the file stays mapped for the other
+    weights, so without this the copied weights would count twice (measured: decoding SmolLM2-135M peaked at
+    1.13 GiB instead of 0.86). madvise(MADV_DONTNEED) on the whole pages inside each tensor lets them go; were they
+    read again, they would come back from the file. Memory that is not a file mapping (heap) is never touched,
+    and the caller must hold no other use of these tensors. Linux only (elsewhere nothing is dropped).
+    """
+    if sys.platform != "linux" or not tensors:
+        return 0
+    mapped = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/"):  # a mapping of a file
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            mapped.append((start, end))
+    libc = ctypes.CDLL(None, use_errno=True)
+    page, dropped = os.sysconf("SC_PAGE_SIZE"), 0
+    for tensor in tensors:
+        start, end = tensor.data_ptr(), tensor.data_ptr() + tensor.nbytes
+        if tensor.device.type != "cpu" or not any(lo <= start and end <= hi for lo, hi in mapped):
+            continue
+        first, last = -(-start // page) * page, end // page * page
+        if last > first and libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED) == 0:
+            dropped += last - first
+    return dropped
+
+
+MADV_DONTNEED = 4  # Linux's <sys/mman.h>

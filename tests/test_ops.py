@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -346,3 +349,30 @@ def test_project_leaves_training_to_the_layers_own_parameters() -> None:
     model(torch.tensor([[5, 9, 2]])).sum().backward()
     joined = [p for n, p in model.named_parameters() if n.endswith(("q_proj.weight", "up_proj.weight"))]
     assert joined and all(p.grad is not None for p in joined)
+
+
+def rss_file_kib() -> int:
+    """This process's resident pages of file mappings (/proc/self/status RssFile), in KiB."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("RssFile:")).split()[1])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux's madvise and /proc/self")
+def test_release_mapped_pages_lets_file_pages_go_and_leaves_heap_memory_alone(tmp_path) -> None:
+    """What keeps joining a memory-mapped checkpoint's projections from holding their weights twice."""
+    from safetensors.torch import save_file
+
+    from lorafit.checkpoint import read_safetensors
+    from lorafit.runtime import release_mapped_pages
+
+    values = torch.arange(2**21, dtype=torch.float32)  # 8 MiB
+    save_file({"w": values}, tmp_path / "w.safetensors")
+    mapped = read_safetensors(tmp_path / "w.safetensors")["w"]
+    assert torch.equal(mapped, values)  # every page now resident
+    before = rss_file_kib()
+    dropped = release_mapped_pages([mapped])
+    assert dropped >= values.nbytes - 2 * 4096
+    assert rss_file_kib() <= before - 7 * 1024
+    assert torch.equal(mapped, values)  # read again, the pages come back from the file
+    heap = values.clone()
+    assert release_mapped_pages([heap]) == 0 and torch.equal(heap, values)
