@@ -12,8 +12,9 @@ timed and reported apart. Weight formats: `float32` and `bfloat16` are the model
 the block linears quantised (lorafit.quant) and compute in float32.
 
 Bandwidth: the bytes of weights one token reads (each block linear as it is stored, the norms and the LM head;
-`weight_bytes_read`) times decode tokens/s, as a share of the read bandwidth that machine.py's `probe`
-measures on --threads threads before the runs.
+`weight_bytes_read`) times decode tokens/s, as a share of the read bandwidth machine.py measures on --threads
+threads just before and just after the row (their mean): the memory bus is shared with other guests, and what it
+gives moves by a third from minute to minute, so one probe at the start misstates the later rows.
 
 Accuracy: with --adapter (a LoRA run of `lorafit demo`, e.g. `lorafit demo --out out/demo` then `--adapter
 out/demo/run`), each lorafit row merges the adapter into its base before quantising, answers the first
@@ -35,7 +36,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from machine import decode_weight_bytes, describe, probe
+from machine import decode_weight_bytes, describe, probe, read_bandwidth
 
 ENGINES = ("transformers", "lorafit", "lorafit --compile")
 WEIGHTS = ("float32", "bfloat16", "int8", "nf4")
@@ -60,6 +61,7 @@ def main() -> None:
     machine = probe(args.threads)
     print(f"machine: {describe(machine)}", file=sys.stderr, flush=True)
     results = []
+    bandwidth_before = machine["read_gb_per_s"]
     for engine, weights in rows(args):
         command = [sys.executable, __file__, "--worker", engine, "--weights", weights, "--checkpoint", str(checkpoint)]
         command += ["--threads", str(args.threads), "--runs", str(args.runs), "--new-tokens", str(args.new_tokens)]
@@ -67,12 +69,17 @@ def main() -> None:
             command += ["--adapter", str(args.adapter), "--notes", str(args.notes)]
         print(f"running {engine} {weights} ...", file=sys.stderr, flush=True)
         done = subprocess.run(command, capture_output=True, text=True)
+        bandwidth_after = read_bandwidth()
         if done.returncode == 0:
-            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            # What the shared memory bus gave while this row ran: the mean of the samples just before and after.
+            result["read_gb_per_s"] = (bandwidth_before + bandwidth_after) / 2
+            results.append(result)
         else:  # a row that fails says why, and the others still run
             error = (done.stderr.strip().splitlines() or ["no message"])[-1]
             print(f"  failed: {error}", file=sys.stderr, flush=True)
             results.append({"engine": engine, "weights": weights, "error": error, "answers": []})
+        bandwidth_before = bandwidth_after
     print(table(results, checkpoint, args, machine))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "results": results}, indent=2))
@@ -262,12 +269,11 @@ def table(results: list[dict], checkpoint: Path, args: argparse.Namespace, machi
 
     by_row = {(r["engine"], r["weights"]): r for r in results if "error" not in r}
     reference = by_row.get(("lorafit", "float32"))
-    bandwidth = machine["read_gb_per_s"]
     notes = [r for r in results if r["answers"]]
     references = [record["output"] for record in demo_notes(len(notes[0]["answers"]))] if notes else []
     header = (
         "| engine | weights | warm-up | time to first token | decode tokens/s | peak memory | vs float32 eager "
-        f"| vs transformers | weight GB/token | weight GB/s | share of {bandwidth:.1f} GB/s read |"
+        "| vs transformers | weight GB/token | weight GB/s | read GB/s around the row | share of that read |"
     )
     if references:
         header += f" exact match (n={len(references)}) | same answer as float32 eager |"
@@ -277,7 +283,7 @@ def table(results: list[dict], checkpoint: Path, args: argparse.Namespace, machi
         + f", {args.threads} threads, median of {args.runs} runs ({date.today()}). Machine: {describe(machine)}.",
         "",
         header,
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if references else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if references else ""),
     ]
     for r in results:
         if "error" in r:
@@ -297,7 +303,8 @@ def table(results: list[dict], checkpoint: Path, args: argparse.Namespace, machi
             f"{speed / hf['decode_tokens_per_s']:.2f}x" if hf else "-",
             f"{r['weight_bytes'] / 1e9:.3f}",
             f"{streamed:.1f}",
-            f"{streamed / bandwidth:.0%}",
+            f"{r['read_gb_per_s']:.1f}",
+            f"{streamed / r['read_gb_per_s']:.0%}",
         ]
         if references:
             if r["answers"]:

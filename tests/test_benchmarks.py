@@ -1,4 +1,4 @@
-"""The GPU benchmark's --dry-run, so the script cannot rot on CPU-only CI."""
+"""The benchmarks' own logic on CPU-only CI: the GPU benchmark's --dry-run, FLOP counts, loss forms, tables."""
 
 from __future__ import annotations
 
@@ -77,6 +77,38 @@ def test_model_flops_count() -> None:
     assert gpu.peak_flops("Tesla T4") is None
 
 
+def load_benchmark(name: str):
+    """A script under benchmarks/ as a module (its sibling imports resolved as when it runs)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location(f"{name}_benchmark", REPO / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return module
+
+
+def test_generate_table_states_each_rows_share_of_the_bandwidth_sampled_around_it() -> None:
+    from argparse import Namespace
+
+    generate = load_benchmark("generate")
+    machine = {"cpu": "test CPU", "threads": 2, "torch": "x", "date": "d", "read_gb_per_s": 40.0}
+    machine |= {"float32_gflops": 1.0, "bfloat16_gflops": 2.0}
+    row = {"warmup_s": 1.0, "time_to_first_token_s": 0.1, "peak_memory_bytes": 2**30, "answers": []}
+    results = [
+        row | {"engine": "lorafit", "weights": "float32", "decode_tokens_per_s": 50.0, "weight_bytes": 4e8},
+        row | {"engine": "lorafit", "weights": "int8", "decode_tokens_per_s": 100.0, "weight_bytes": 1e8},
+    ]
+    results[0]["read_gb_per_s"], results[1]["read_gb_per_s"] = 25.0, 20.0
+    args = Namespace(new_tokens=8, adapter=None, threads=2, runs=1)
+    lines = generate.table(results, Path("model"), args, machine).splitlines()
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in lines if line.startswith("| lorafit")]
+    # 0.4 GB x 50 tokens/s = 20 GB/s of 25 sampled: 80%; 0.1 GB x 100 = 10 of 20: 50%. Not of the start's 40.
+    assert [c[-3:] for c in cells] == [["20.0", "25.0", "80%"], ["10.0", "20.0", "50%"]]
+    assert cells[1][6] == "2.00x"  # int8 against float32 eager
+
+
 def test_train_cpu_changes_replace_the_loss_with_the_same_value() -> None:
     """--changes swaps supervised_loss_sum for its plain forms; they take train's arguments and agree with it."""
     import torch
@@ -85,13 +117,7 @@ def test_train_cpu_changes_replace_the_loss_with_the_same_value() -> None:
     from lorafit.train import supervised_loss_sum
     from tests.conftest import PAD, tiny_dataset, tiny_model
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location("train_cpu_benchmark", REPO / "benchmarks" / "train_cpu.py")
-        train_cpu = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(train_cpu)
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    train_cpu = load_benchmark("train_cpu")
     model = tiny_model("lora").train()
     data = tiny_dataset(2)
     input_ids, labels = collate([data[0], data[1]], PAD)
