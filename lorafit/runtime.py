@@ -324,7 +324,10 @@ def use_decode_kernels(model: torch.nn.Module) -> None:
         attention, mlp = block.self_attn, block.mlp
         replaced = join_linears((attention.q_proj, attention.k_proj, attention.v_proj))
         replaced += join_linears((mlp.gate_proj, mlp.up_proj))
-        release_mapped_pages(replaced)
+        release_mapped_pages(replaced)  # block by block: the peak holds one block's copies, not the model's
+
+
+MADV_DONTNEED = 4  # Linux's <sys/mman.h>
 
 
 def release_mapped_pages(tensors: list[torch.Tensor]) -> int:
@@ -356,6 +359,3 @@ def release_mapped_pages(tensors: list[torch.Tensor]) -> int:
         if last > first and libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED) == 0:
             dropped += last - first
     return dropped
-
-
-MADV_DONTNEED = 4  # Linux's <sys/mman.h>
