@@ -337,6 +337,7 @@ def test_a_run_on_the_embedded_default_says_it_is_the_dequantised_gguf(tmp_path)
 def test_a_run_is_not_applied_to_another_base_with_the_same_shapes(numbers, tiny_checkpoint, tmp_path):
     from lorafit.checkpoint import load_model, save_hf_model
     from lorafit.generate import LLM
+    from lorafit.methods.base import base_fingerprint, loaded_fingerprint
     from lorafit.tokenizer import Tokenizer
 
     out = tmp_path / "run"
@@ -354,6 +355,13 @@ def test_a_run_is_not_applied_to_another_base_with_the_same_shapes(numbers, tiny
     assert LLM.load(tiny_checkpoint, adapter=out, dtype=torch.bfloat16).model.norm.weight.dtype == torch.bfloat16
     with pytest.raises(ValueError, match=r"trained on another base model"):
         LLM.load(tmp_path / "other", adapter=out, dtype=torch.bfloat16)
+    # A run recorded before: its fingerprint was of the base as loaded for training, here in bf16 (bf16-true).
+    record = json.loads((out / "lorafit_run.json").read_text())
+    bf16_base = LLM.load(tiny_checkpoint, dtype=torch.bfloat16).model
+    record["base_fingerprint"] = loaded_fingerprint(bf16_base)
+    assert record["base_fingerprint"] != base_fingerprint(bf16_base)  # the float32 checkpoint's differs
+    (out / "lorafit_run.json").write_text(json.dumps(record))
+    LLM.load(tiny_checkpoint, adapter=out, dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize(

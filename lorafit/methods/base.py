@@ -179,15 +179,19 @@ def base_fingerprint(model: LLaMA) -> str:
     the other way round). A model not loaded from a checkpoint is fingerprinted from its weights as they are.
     """
     stored = getattr(model, "checkpoint_fingerprint", None)
-    if stored is not None:
-        return stored
+    return stored if stored is not None else loaded_fingerprint(model)
+
+
+def loaded_fingerprint(model: LLaMA) -> str:
+    """The fingerprint of the model's weights as loaded (in its dtype): what runs recorded before 2026-11-30."""
     return weights_fingerprint([model.state_dict()[name] for name in fingerprint_names(model.config)])
 
 
 def check_base(model: LLaMA, run_dir: Path, base: Path) -> None:
     """Refuse to apply a run to a base other than the one it was trained on (same shapes are not enough)."""
     expected = run_record(run_dir).get("base_fingerprint")  # none for an adapter made by another tool
-    if expected and expected != base_fingerprint(model):
+    # An older run's fingerprint was of its base as loaded for training (bf16-true: in bf16); it still matches so.
+    if expected and expected not in (base_fingerprint(model), loaded_fingerprint(model)):
         raise ValueError(
             f"{run_dir}: trained on another base model than {base} (weights fingerprint {expected}, this base's "
             f"{base_fingerprint(model)}); pass the base it was trained on with --checkpoint"
