@@ -116,7 +116,7 @@ def load_model(
         expected.pop("lm_head.weight")
         state.pop("lm_head.weight", None)
     _check_tensors(state, expected, path)
-    fingerprint = weights_fingerprint([state[name] for name in fingerprint_names(config)])
+    fingerprint = weights_fingerprint(state, config)
     # Move tensors one at a time, dropping each source as we go, so a cast never holds two copies.
     loaded = {}
     for name in expected:
@@ -133,18 +133,12 @@ def load_model(
     return model.eval()
 
 
-def fingerprint_names(config: Config) -> list[str]:
-    """The tensors a base's fingerprint reads: the embedding and two norms, never the block linears (which a
-    quantised base holds as codes)."""
-    return ["embed_tokens.weight", "norm.weight", f"layers.{config.n_layer - 1}.post_attention_layernorm.weight"]
-
-
-def weights_fingerprint(tensors: list[torch.Tensor]) -> str:
-    """A short hash of the embedding's first 8 rows and the norms (fingerprint_names): two bases with the same
-    shapes still differ in it."""
+def weights_fingerprint(state: dict[str, torch.Tensor], config: Config) -> str:
+    """A short hash of the embedding's first 8 rows and two norms of a state dict: two bases with the same shapes
+    still differ in it. The block linears are never read (a quantised base holds them as codes)."""
     digest = hashlib.sha256()
-    embedding, *norms = tensors
-    for tensor in [embedding[:8], *norms]:
+    names = ["norm.weight", f"layers.{config.n_layer - 1}.post_attention_layernorm.weight"]
+    for tensor in [state["embed_tokens.weight"][:8], *(state[name] for name in names)]:
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 

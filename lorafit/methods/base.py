@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from lorafit.checkpoint import fingerprint_names, load_model, save_hf_model, weights_fingerprint
+from lorafit.checkpoint import load_model, save_hf_model, weights_fingerprint
 from lorafit.model import LLaMA
 from lorafit.runtime import store_frozen_linears
 from lorafit.tokenizer import Tokenizer
@@ -184,7 +184,7 @@ def base_fingerprint(model: LLaMA) -> str:
 
 def loaded_fingerprint(model: LLaMA) -> str:
     """The fingerprint of the model's weights as loaded (in its dtype): what runs recorded before 2026-11-30."""
-    return weights_fingerprint([model.state_dict()[name] for name in fingerprint_names(model.config)])
+    return weights_fingerprint(model.state_dict(), model.config)
 
 
 def check_base(model: LLaMA, run_dir: Path, base: Path) -> None:
