@@ -20,6 +20,7 @@ import torch
 from lorafit.model import LLaMA
 from lorafit.runtime import (
     allow_matvec_reductions,
+    pack_decode_weights,
     peak_memory_bytes,
     resolve_device,
     resolve_dtype,
@@ -290,13 +291,16 @@ def prepare_for_decoding(model: LLaMA, quantize: str | None, compile: bool) -> N
     """What generate, chat and serve do to a loaded model before decoding with it, in place.
 
     int8 gives the model an int8 LM head too (the largest matrix a token reads); eager decoding on the CPU
-    sends its few-row products through ops.linear (use_decode_kernels), the compiled step writes its own.
+    sends its few-row products through ops.linear (use_decode_kernels), the compiled step writes its own; both
+    read the weights from one buffer in reading order (pack_decode_weights).
     """
     from lorafit.quant import quantize_lm_head
 
     if quantize == "int8":
         quantize_lm_head(model)
-    if not compile:
+    if compile:
+        pack_decode_weights(model, join=False)
+    else:
         use_decode_kernels(model)
 
 

@@ -184,24 +184,43 @@ class JoinedWeights:
     pointers: tuple[int, ...]
 
 
-def join_linears(layers: Sequence[torch.nn.Module]) -> list[torch.Tensor]:
-    """Store the weights of DecodeLinears that read the same input as row blocks of one tensor, in place.
+def is_plain_linear(module: torch.nn.Module) -> bool:
+    """Whether `module` is a linear layer with nothing added to it (decoding kernels aside)."""
+    return type(module) in (torch.nn.Linear, DecodeLinear)
 
-    Each layer keeps its own weight (same name, values and requires_grad), now a view into the joined tensor,
-    and the first layer records the join for `project`. Returns the weights it replaced (for the caller to let
-    go of; see runtime.use_decode_kernels). Layers that are not plain DecodeLinears without bias, or whose
-    weights differ in dtype, device or input width, are left as they are (and [] returned).
-    """
-    if not all(type(layer) is DecodeLinear and layer.bias is None for layer in layers):
-        return []
+
+def joinable(layers: Sequence[torch.nn.Module]) -> bool:
+    """Whether join_linears can store these layers' weights as one tensor: plain linears without bias whose
+    weights share dtype, device and input width. A single layer only needs a weight of its own to move (a LoRA
+    layer's frozen base weight moves too; a quantised base does not)."""
+    if len(layers) == 1:
+        fits = isinstance(layers[0], torch.nn.Linear) and isinstance(layers[0].weight, torch.Tensor)
+    else:
+        fits = all(is_plain_linear(layer) and layer.bias is None for layer in layers)
+    if not layers or not fits:
+        return False
     weights = [layer.weight for layer in layers]
-    if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1 or weights[0].is_meta:
+    return len({(w.dtype, w.device, w.shape[1]) for w in weights}) == 1 and not weights[0].is_meta
+
+
+def join_linears(layers: Sequence[torch.nn.Module], out: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Store the weights of linear layers that read the same input as row blocks of one tensor, in place.
+
+    The tensor is `out` when given (rows x input width: a slice of runtime.pack_decode_weights' buffer), else a
+    new one. Each layer keeps its own weight parameter (same name, values, requires_grad, and any tying, as a
+    tied LM head's), now holding a view of the joined tensor; for several DecodeLinears the first records the
+    join for `project`. Returns the weights' former tensors (for the caller to let go of; see
+    runtime.pack_decode_weights). Layers that are not `joinable` are left as they are (and [] returned).
+    """
+    if not joinable(layers):
         return []
-    joined = torch.cat([w.detach() for w in weights])
+    weights = [layer.weight.detach() for layer in layers]
+    joined = torch.cat(weights, out=out)
     views = joined.split([w.shape[0] for w in weights])
-    for layer, weight, view in zip(layers, weights, views, strict=True):
-        layer.weight = torch.nn.Parameter(view, requires_grad=weight.requires_grad)
-    layers[0].joined = JoinedWeights(joined, tuple(len(v) for v in views), tuple(v.data_ptr() for v in views))
+    for layer, view in zip(layers, views, strict=True):
+        layer.weight.data = view  # the same Parameter: a tied embedding follows the LM head into the buffer
+    if len(layers) > 1 and all(type(layer) is DecodeLinear for layer in layers):
+        layers[0].joined = JoinedWeights(joined, tuple(len(v) for v in views), tuple(v.data_ptr() for v in views))
     return weights
 
 
@@ -222,11 +241,6 @@ def project(x: torch.Tensor, layers: Sequence[torch.nn.Module]) -> list[torch.Te
     ):
         return [layer(x) for layer in layers]
     return list(linear(x, joined.weight).split(joined.sizes, dim=-1))
-
-
-def is_plain_linear(module: torch.nn.Module) -> bool:
-    """Whether `module` is a linear layer with nothing added to it (decoding kernels aside)."""
-    return type(module) in (torch.nn.Linear, DecodeLinear)
 
 
 def keep_product(source: torch.nn.Module, wrapper: torch.nn.Module) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from lorafit.io import write_json
-from lorafit.ops import DecodeLinear, join_linears, linear
+from lorafit.ops import DecodeLinear, join_linears, joinable, linear
 
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
 DTYPES = {
@@ -311,8 +311,8 @@ def use_decode_kernels(model: torch.nn.Module) -> None:
     wraps a DecodeLinear later keeps it. Prefill and anything under autograd take F.linear as before. The
     compiled decode step writes its own kernels: it is not combined with this.
 
-    A Llama block's query, key and value projections, and its gate and up projections, are then joined
-    (ops.join_linears: their weights become views of one tensor), so decoding computes each group as one product.
+    The weights are then packed in reading order (pack_decode_weights), a Llama block's query, key and value
+    projections, and its gate and up projections, joined, so decoding computes each group as one product.
     """
     for name, module in list(model.named_modules()):
         if type(module) is torch.nn.Linear:
@@ -320,11 +320,79 @@ def use_decode_kernels(model: torch.nn.Module) -> None:
             setattr(model.get_submodule(parent), child, DecodeLinear.wrap(module))
         elif isinstance(module, torch.nn.Linear):
             module.product = linear
+    pack_decode_weights(model, join=True)
+
+
+def decode_order(model: torch.nn.Module) -> list[tuple[torch.nn.Module, ...]]:
+    """A Llama's linear layers in the order a decode step reads them, grouped by the input they read."""
+    groups: list[tuple[torch.nn.Module, ...]] = []
     for block in getattr(model, "layers", ()):
         attention, mlp = block.self_attn, block.mlp
-        replaced = join_linears((attention.q_proj, attention.k_proj, attention.v_proj))
-        replaced += join_linears((mlp.gate_proj, mlp.up_proj))
-        release_mapped_pages(replaced)  # block by block: the peak holds one block's copies, not the model's
+        groups += [(attention.q_proj, attention.k_proj, attention.v_proj), (attention.o_proj,)]
+        groups += [(mlp.gate_proj, mlp.up_proj), (mlp.down_proj,)]
+    return groups + [(model.lm_head,)] if hasattr(model, "lm_head") else groups
+
+
+PACK_ALIGNMENT = 64  # bytes: a cache line, and more than any kernel asks of a weight's address
+
+
+def pack_decode_weights(model: torch.nn.Module, join: bool) -> int:
+    """Copy the linear layers' weights into one buffer on huge pages, in the order decoding reads them.
+
+    A decoded token reads every weight once, so the step is as fast as the memory system streams them. A
+    checkpoint's memory-mapped (or a heap's scattered) weights sit on 4 KiB pages, where each page costs the
+    processor a TLB miss and a restart of its prefetcher; one buffer on 2 MiB pages, read front to back, does
+    not (2-core AMD EPYC, SmolLM2-135M float32, same process, alternating: eager steps 7% faster, compiled
+    13%). Each layer keeps its weight parameter, now a view into the buffer (names, values and tying unchanged).
+
+    join: each group of decode_order whose layers are all plain DecodeLinears is joined for ops.project; the
+    rest are packed one by one (a LoRA layer's base weight; with join False every layer, for the compiled step,
+    which writes its own kernels). A quantised layer stays where it is. The former weights' file pages are
+    released group by group, so the peak holds one group twice, not the model. Returns the bytes packed.
+    """
+    groups = []
+    for group in decode_order(model):
+        if join and joinable(group):
+            groups.append(group)
+        else:
+            groups += [(layer,) for layer in group if joinable((layer,))]
+    if not groups:
+        return 0
+    sizes = [sum(layer.weight.nbytes for layer in group) for group in groups]
+    offsets = [0]
+    for size in sizes[:-1]:
+        offsets.append(offsets[-1] + -(-size // PACK_ALIGNMENT) * PACK_ALIGNMENT)
+    device = groups[0][0].weight.device
+    buffer = huge_page_empty(offsets[-1] + sizes[-1], device)
+    for group, offset, size in zip(groups, offsets, sizes, strict=True):
+        weight = group[0].weight
+        rows = sum(layer.weight.shape[0] for layer in group)
+        out = buffer[offset : offset + size].view(weight.dtype).view(rows, weight.shape[1])
+        release_mapped_pages(join_linears(group, out))
+    return sum(sizes)
+
+
+def huge_page_empty(nbytes: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """An uninitialised uint8 buffer which, on a CPU under Linux, the kernel backs with transparent huge pages
+    (2 MiB) where it can: advised before anything touches it. Elsewhere a plain torch.empty."""
+    buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    _madvise(buffer, MADV_HUGEPAGE)
+    return buffer
+
+
+MADV_DONTNEED, MADV_HUGEPAGE = 4, 14  # Linux's values (asm-generic/mman-common.h)
+
+
+def _madvise(tensor: torch.Tensor, advice: int) -> int:
+    """madvise(advice) on the whole pages inside a CPU tensor; returns the bytes advised (0 if none or not Linux)."""
+    if tensor.device.type != "cpu" or not sys.platform.startswith("linux") or tensor.numel() == 0:
+        return 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    start, end = tensor.data_ptr(), tensor.data_ptr() + tensor.nbytes
+    first, last = -(-start // page) * page, end // page * page
+    if last <= first or ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), advice):
+        return 0
+    return last - first
 
 
 def drop_pages(tensor: torch.Tensor) -> int:
@@ -333,14 +401,7 @@ def drop_pages(tensor: torch.Tensor) -> int:
     A file-backed page is read again from the file if ever touched, an anonymous one reads as zeros, and nothing
     else lives inside a tensor's pages: the caller must hold no other use of the tensor. Linux only (elsewhere 0).
     """
-    if tensor.device.type != "cpu" or not sys.platform.startswith("linux") or tensor.numel() == 0:
-        return 0
-    page = os.sysconf("SC_PAGE_SIZE")
-    start, end = tensor.data_ptr(), tensor.data_ptr() + tensor.nbytes
-    first, last = -(-start // page) * page, end // page * page
-    if last <= first or ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4) != 0:
-        return 0  # 4: MADV_DONTNEED
-    return last - first
+    return _madvise(tensor, MADV_DONTNEED)
 
 
 def release_mapped_pages(tensors: list[torch.Tensor]) -> int:

@@ -243,6 +243,7 @@ def test_decode_kernels_keep_the_model_and_its_answers(bmm_calls: list) -> None:
     use_decode_kernels(model)
     assert all(type(m) is ops.DecodeLinear for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert model.lm_head.weight is model.embed_tokens.weight
+    assert_packed_in_reading_order(model)  # the tied embedding went into the buffer with the LM head
     assert model.state_dict().keys() == names.keys()
     tokens = torch.tensor([[5, 9, 2]])
     with torch.no_grad():
@@ -263,6 +264,17 @@ def test_decode_kernels_keep_the_model_and_its_answers(bmm_calls: list) -> None:
         gc.enable()
 
 
+def assert_packed_in_reading_order(model: torch.nn.Module) -> None:
+    """Every linear weight is a view of one buffer, laid out as a decode step reads them (runtime.decode_order)."""
+    from lorafit.runtime import decode_order
+
+    weights = [layer.weight for group in decode_order(model) for layer in group]
+    assert len({w.untyped_storage().data_ptr() for w in weights}) == 1
+    addresses = [w.data_ptr() for w in weights]
+    assert addresses == sorted(addresses) and len(set(addresses)) == len(addresses)
+    assert all(w.data_ptr() % 64 == 0 for group in decode_order(model) for w in [group[0].weight])
+
+
 def test_decode_kernels_join_each_blocks_projections_without_copying_them(bmm_calls: list, tmp_path) -> None:
     from lorafit.checkpoint import load_model, save_hf_model
     from lorafit.runtime import use_decode_kernels
@@ -275,7 +287,9 @@ def test_decode_kernels_join_each_blocks_projections_without_copying_them(bmm_ca
         joined = group[0].joined
         assert joined is not None and joined.sizes == tuple(layer.out_features for layer in group)
         # Each layer's weight is a view of the joined tensor: one copy of the weights, under the same names.
-        assert all(layer.weight.untyped_storage().data_ptr() == joined.weight.data_ptr() for layer in group)
+        starts = [joined.weight.data_ptr() + sum(joined.sizes[:i]) * 32 * 4 for i in range(len(group))]
+        assert [layer.weight.data_ptr() for layer in group] == starts
+    assert_packed_in_reading_order(model)
     assert model.state_dict().keys() == reference.state_dict().keys()
     for name, tensor in reference.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name
@@ -376,3 +390,61 @@ def test_release_mapped_pages_lets_file_pages_go_and_leaves_heap_memory_alone(tm
     assert torch.equal(mapped, values)  # read again, the pages come back from the file
     heap = values.clone()
     assert release_mapped_pages([heap]) == 0 and torch.equal(heap, values)
+
+
+def test_packing_for_the_compiled_step_and_around_lora_and_quantised_layers() -> None:
+    from lorafit.generate import prepare_for_decoding
+    from lorafit.lora import LoRAConfig, apply_lora
+    from lorafit.quant import QuantizedLinear
+    from lorafit.runtime import pack_decode_weights
+    from tests.conftest import tiny_model
+
+    tokens = torch.tensor([[5, 9, 2]])
+    model, reference = tiny_model(tie=True).eval(), tiny_model(tie=True).eval()
+    prepare_for_decoding(model, None, compile=True)  # packed one by one, left plain for inductor
+    assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert_packed_in_reading_order(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), reference(tokens), rtol=0, atol=0)
+
+    # Unmerged LoRA on q and v: their base weights move on their own, k stays joinable only by itself.
+    model, reference = tiny_model().eval(), tiny_model().eval()
+    for m in (model, reference):
+        torch.manual_seed(1)
+        apply_lora(m, LoRAConfig(r=2, alpha=4, targets=("q", "v")))
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p)
+        m.eval()
+    attention = model.layers[0].self_attn
+    attention.o_proj = QuantizedLinear.from_weight(attention.o_proj.weight.detach(), "int8")
+    reference.layers[0].self_attn.o_proj = attention.o_proj  # the same int8 layer in both
+    qweight = attention.o_proj.qweight
+    assert pack_decode_weights(model, join=True) > 0
+    assert getattr(attention.k_proj, "joined", None) is None and attention.o_proj.qweight is qweight
+    storages = {layer.weight.untyped_storage().data_ptr() for layer in (attention.q_proj, attention.k_proj)}
+    assert len(storages) == 1 and attention.q_proj.weight.data_ptr() < attention.k_proj.weight.data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), reference(tokens), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux's transparent huge pages")
+def test_huge_page_empty_asks_the_kernel_for_huge_pages() -> None:
+    from lorafit.runtime import huge_page_empty
+
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not mode.exists() or "[never]" in mode.read_text():
+        pytest.skip("transparent huge pages are off on this machine")
+    buffer = huge_page_empty(8 * 2**20)
+    start = buffer.data_ptr()
+    maps = Path("/proc/self/smaps").read_text().split("\n")
+    for i, line in enumerate(maps):
+        fields = line.split()
+        if fields and "-" in fields[0] and ":" not in fields[0]:
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            if low <= start < high:
+                area = maps[i + 1 : i + 40]
+                break
+    eligible = next(line for line in area if line.startswith("THPeligible:"))
+    assert eligible.split()[1] == "1"
