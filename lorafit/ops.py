@@ -203,25 +203,18 @@ def joinable(layers: Sequence[torch.nn.Module]) -> bool:
     return len({(w.dtype, w.device, w.shape[1]) for w in weights}) == 1 and not weights[0].is_meta
 
 
-def join_linears(layers: Sequence[torch.nn.Module], out: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """Store the weights of linear layers that read the same input as row blocks of one tensor, in place.
+def join_linears(layers: Sequence[torch.nn.Module], joined: torch.Tensor) -> None:
+    """Make the weights of linear layers that read the same input views of `joined`, which holds them as row
+    blocks in the layers' order (runtime.pack_decode_weights copies them there).
 
-    The tensor is `out` when given (rows x input width: a slice of runtime.pack_decode_weights' buffer), else a
-    new one. Each layer keeps its own weight parameter (same name, values, requires_grad, and any tying, as a
-    tied LM head's), now holding a view of the joined tensor; for several DecodeLinears the first records the
-    join for `project`. Returns the weights' former tensors (for the caller to let go of; see
-    runtime.pack_decode_weights). Layers that are not `joinable` are left as they are (and [] returned).
+    Each layer keeps its own weight parameter (same name, values, requires_grad, and any tying, as a tied LM
+    head's); for several DecodeLinears the first records the join for `project`. The layers must be `joinable`.
     """
-    if not joinable(layers):
-        return []
-    weights = [layer.weight.detach() for layer in layers]
-    joined = torch.cat(weights, out=out)
-    views = joined.split([w.shape[0] for w in weights])
+    views = joined.split([layer.weight.shape[0] for layer in layers])
     for layer, view in zip(layers, views, strict=True):
-        layer.weight.data = view  # the same Parameter: a tied embedding follows the LM head into the buffer
+        layer.weight.data = view  # the same Parameter: a tied embedding follows the LM head
     if len(layers) > 1 and all(type(layer) is DecodeLinear for layer in layers):
         layers[0].joined = JoinedWeights(joined, tuple(len(v) for v in views), tuple(v.data_ptr() for v in views))
-    return weights
 
 
 def project(x: torch.Tensor, layers: Sequence[torch.nn.Module]) -> list[torch.Tensor]:
