@@ -12,9 +12,11 @@ timed and reported apart. Weight formats: `float32` and `bfloat16` are the model
 the block linears quantised (lorafit.quant) and compute in float32.
 
 Bandwidth: the bytes of weights one token reads (each block linear as it is stored, the norms and the LM head;
-`weight_bytes_read`) times decode tokens/s, as a share of the read bandwidth machine.py measures on --threads
-threads just before and just after the row (their mean): the memory bus is shared with other guests, and what it
-gives moves by a third from minute to minute, so one probe at the start misstates the later rows.
+`weight_bytes_read`) times decode tokens/s, as a share of the read bandwidth machine.py measures in the row's own
+process, on its threads, just before each timed run; the table gives the median of the runs' shares. The memory
+bus is shared with other guests and what it gives moves by half from minute to minute (28-60 GB/s on
+2026-11-30), so a probe taken at the start, or even around a row, misstates it. Peak memory is read before the
+first probe (after the warm-up and the notes), so the probe's buffer is not in it.
 
 Accuracy: with --adapter (a LoRA run of `lorafit demo`, e.g. `lorafit demo --out out/demo` then `--adapter
 out/demo/run`), each lorafit row merges the adapter into its base before quantising, answers the first
@@ -61,7 +63,6 @@ def main() -> None:
     machine = probe(args.threads)
     print(f"machine: {describe(machine)}", file=sys.stderr, flush=True)
     results = []
-    bandwidth_before = machine["read_gb_per_s"]
     for engine, weights in rows(args):
         command = [sys.executable, __file__, "--worker", engine, "--weights", weights, "--checkpoint", str(checkpoint)]
         command += ["--threads", str(args.threads), "--runs", str(args.runs), "--new-tokens", str(args.new_tokens)]
@@ -69,17 +70,12 @@ def main() -> None:
             command += ["--adapter", str(args.adapter), "--notes", str(args.notes)]
         print(f"running {engine} {weights} ...", file=sys.stderr, flush=True)
         done = subprocess.run(command, capture_output=True, text=True)
-        bandwidth_after = read_bandwidth()
         if done.returncode == 0:
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-            # What the shared memory bus gave while this row ran: the mean of the samples just before and after.
-            result["read_gb_per_s"] = (bandwidth_before + bandwidth_after) / 2
-            results.append(result)
+            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         else:  # a row that fails says why, and the others still run
             error = (done.stderr.strip().splitlines() or ["no message"])[-1]
             print(f"  failed: {error}", file=sys.stderr, flush=True)
             results.append({"engine": engine, "weights": weights, "error": error, "answers": []})
-        bandwidth_before = bandwidth_after
     print(table(results, checkpoint, args, machine))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "results": results}, indent=2))
@@ -138,9 +134,15 @@ def run_worker(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     run(prompt_ids, args.new_tokens)  # warm-up
     warmup_s = time.perf_counter() - started
-    timings = [run(prompt_ids, args.new_tokens) for _ in range(args.runs)]
     if args.worker != "transformers" and args.adapter is not None and args.notes:
         answers = answer_notes(llm, args.notes)
+    peak_memory = peak_memory_bytes("cpu")  # before the probes' buffer
+    runs = []
+    for _ in range(args.runs):
+        read_gb_per_s = read_bandwidth()
+        time_to_first_token_s, decode_tokens_per_s = run(prompt_ids, args.new_tokens)
+        runs.append({"read_gb_per_s": read_gb_per_s, "decode_tokens_per_s": decode_tokens_per_s})
+        runs[-1]["time_to_first_token_s"] = time_to_first_token_s
     return {
         "engine": args.worker,
         "weights": weights,
@@ -149,9 +151,11 @@ def run_worker(args: argparse.Namespace) -> dict:
         "new_tokens": args.new_tokens,
         "weight_bytes": weight_bytes,
         "warmup_s": warmup_s,
-        "time_to_first_token_s": statistics.median(t[0] for t in timings),
-        "decode_tokens_per_s": statistics.median(t[1] for t in timings),
-        "peak_memory_bytes": peak_memory_bytes("cpu"),
+        "time_to_first_token_s": statistics.median(r["time_to_first_token_s"] for r in runs),
+        "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in runs),
+        "read_gb_per_s": statistics.median(r["read_gb_per_s"] for r in runs),
+        "runs": runs,
+        "peak_memory_bytes": peak_memory,
         "answers": answers,
     }
 
@@ -273,7 +277,7 @@ def table(results: list[dict], checkpoint: Path, args: argparse.Namespace, machi
     references = [record["output"] for record in demo_notes(len(notes[0]["answers"]))] if notes else []
     header = (
         "| engine | weights | warm-up | time to first token | decode tokens/s | peak memory | vs float32 eager "
-        "| vs transformers | weight GB/token | weight GB/s | read GB/s around the row | share of that read |"
+        "| vs transformers | weight GB/token | weight GB/s | read GB/s before each run | share of that read |"
     )
     if references:
         header += f" exact match (n={len(references)}) | same answer as float32 eager |"
@@ -304,7 +308,7 @@ def table(results: list[dict], checkpoint: Path, args: argparse.Namespace, machi
             f"{r['weight_bytes'] / 1e9:.3f}",
             f"{streamed:.1f}",
             f"{r['read_gb_per_s']:.1f}",
-            f"{streamed / r['read_gb_per_s']:.0%}",
+            f"{bandwidth_share(r):.0%}",
         ]
         if references:
             if r["answers"]:
@@ -317,6 +321,13 @@ def table(results: list[dict], checkpoint: Path, args: argparse.Namespace, machi
                 cells += ["-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def bandwidth_share(result: dict) -> float:
+    """The median over a row's runs of the weight bytes it streamed per second over the read probed before it."""
+    return statistics.median(
+        result["weight_bytes"] * run["decode_tokens_per_s"] / 1e9 / run["read_gb_per_s"] for run in result["runs"]
+    )
 
 
 if __name__ == "__main__":
