@@ -132,3 +132,20 @@ def test_train_cpu_changes_replace_the_loss_with_the_same_value() -> None:
     want = supervised_loss_sum(model, input_ids, labels, True)
     for plain in (train_cpu.unchunked_loss_sum, train_cpu.full_head_loss_sum):
         torch.testing.assert_close(plain(model, input_ids, labels, True), want, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_share_sets_each_round_against_the_probe_just_before_it() -> None:
+    from argparse import Namespace
+
+    decode_share = load_benchmark("decode_share")
+    machine = {"cpu": "test CPU", "threads": 2, "torch": "x", "date": "d", "read_gb_per_s": 40.0}
+    machine |= {"float32_gflops": 1.0, "bfloat16_gflops": 2.0}
+    # 0.5 GB a token. Round 1: probe 50 GB/s, eager 20 ms (25 GB/s: 50%), compiled 12.5 ms (40 GB/s: 80%);
+    # round 2: probe 25, eager 25 ms (20 GB/s: 80%), compiled 20 ms (25 GB/s: 100%).
+    seconds = {"lorafit": [0.020, 0.025], "lorafit --compile": [0.0125, 0.020]}
+    args = Namespace(rounds=2, steps=20)
+    lines = decode_share.table(seconds, [50.0, 25.0], 5e8, args, machine).splitlines()
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in lines if line.startswith("| lorafit")]
+    # tokens/s from the median step time (22.5 ms, 16.25 ms); shares are medians of the rounds' own ratios.
+    assert cells[0] == ["lorafit", "44.4", "22.2", "65%", "50%-80%", "1.00x"]
+    assert cells[1] == ["lorafit --compile", "61.5", "30.8", "90%", "80%-100%", "1.42x"]  # rounds: 1.6x, 1.25x

@@ -1,0 +1,117 @@
+"""Decoding's share of the read bandwidth at the same moment: a probe and each engine's steps in turn, one process.
+
+    python benchmarks/decode_share.py                  # 30 rounds of 20 steps, float32, the default model
+    python benchmarks/decode_share.py --rounds 3 --steps 4 --no-compile   # a smoke run
+
+generate.py times whole generations a row at a time, each in its own process, minutes apart; the memory bus
+of a shared virtual machine gives 33-67 GB/s from one minute to the next, so its rows' shares carry that noise.
+Here every round probes the read bandwidth (machine.read_bandwidth, huge pages) and then runs --steps decode
+steps of each engine, so each share is of the bandwidth measured a second before; the table gives the median
+share over the rounds and its range, and each engine's speed against eager lorafit's in the same round.
+
+Engines: lorafit eager and compiled as generate, chat and serve load them (weights packed into one buffer on
+huge pages, runtime.pack_decode_weights), and the same two with the weights left where loading put them (the
+checkpoint's memory-mapped pages), which is what packing is measured against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from contextlib import ExitStack
+from unittest import mock
+
+import torch
+from machine import describe, probe, read_bandwidth
+
+PROMPT_TOKENS = 30
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    machine = probe(args.threads)
+    engines = load_engines(args)
+    weight_bytes = decoded_weight_bytes(next(iter(engines.values()))[0])
+    seconds: dict[str, list[float]] = {name: [] for name in engines}
+    reads = []
+    token = torch.tensor([[5]])
+    for round in range(args.rounds + 1):  # round 0 warms every engine up at every position, and is not counted
+        read = read_bandwidth(repeats=3)
+        for name, (_, step) in engines.items():
+            start = time.perf_counter()
+            for i in range(args.steps):
+                step(token, PROMPT_TOKENS + i)
+            if round:
+                seconds[name].append((time.perf_counter() - start) / args.steps)
+        if round:
+            reads.append(read)
+    print(table(seconds, reads, weight_bytes, args, machine))
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", help="checkpoint directory, name or HF repo id (default: the default model)")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=20, help="decode steps per engine per round")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--no-compile", action="store_true", help="leave the compiled engines out (no compiler)")
+    args = parser.parse_args()
+    if args.rounds < 1 or args.steps < 1:
+        parser.error("--rounds and --steps must be >= 1")
+    return args
+
+
+def load_engines(args: argparse.Namespace) -> dict[str, tuple[torch.nn.Module, object]]:
+    """name -> (model, step function (token, position) -> logits), each with a KV cache holding a prompt."""
+    from lorafit.generate import LLM, compiled_decode_step
+
+    engines = {}
+    for compile in (False,) if args.no_compile else (False, True):
+        for packed in (True, False):
+            with ExitStack() as stack:
+                if not packed:  # loading as before packing: the same model, its weights where loading put them
+                    for module in ("lorafit.runtime", "lorafit.generate"):
+                        stack.enter_context(mock.patch(f"{module}.pack_decode_weights", lambda model, join: 0))
+                model = LLM.load(args.checkpoint, dtype=torch.float32, device="cpu", compile=compile).model
+            model.setup_kv_cache(1, PROMPT_TOKENS + args.steps)
+            model(torch.arange(100, 100 + PROMPT_TOKENS)[None], 0)
+            step = compiled_decode_step(model) if compile else model
+            name = ("lorafit --compile" if compile else "lorafit") + ("" if packed else ", weights as loaded")
+            engines[name] = (model, step)
+    return engines
+
+
+def decoded_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one token reads: every parameter once (a tied embedding is the LM head)."""
+    return sum(p.nbytes for p in model.parameters())
+
+
+def table(seconds: dict[str, list[float]], reads: list[float], weight_bytes: int, args, machine: dict) -> str:
+    """Per engine: median tokens/s, GB/s, share of the probe before each round (median, range), vs eager lorafit."""
+    reference = seconds["lorafit"]
+    lines = [
+        f"{args.rounds} rounds of a read probe then {args.steps} decode steps per engine, one token at a time after a "
+        f"{PROMPT_TOKENS}-token prompt, float32, {weight_bytes / 1e9:.3f} GB of weights per token. Machine: "
+        f"{describe(machine)}. Probes before the rounds: median {statistics.median(reads):.1f} GB/s "
+        f"({min(reads):.1f}-{max(reads):.1f}).",
+        "",
+        "| engine | tokens/s (median) | weight GB/s | share of the read probed before the round (median) "
+        "| range over the rounds | speed vs lorafit eager, same round (median) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, times in seconds.items():
+        shares = [weight_bytes / t / 1e9 / read for t, read in zip(times, reads, strict=True)]
+        ratio = statistics.median(r / t for t, r in zip(times, reference, strict=True))
+        speed = 1 / statistics.median(times)
+        lines.append(
+            f"| {name} | {speed:.1f} | {speed * weight_bytes / 1e9:.1f} | {statistics.median(shares):.0%} "
+            f"| {min(shares):.0%}-{max(shares):.0%} | {ratio:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
