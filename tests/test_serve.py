@@ -546,3 +546,27 @@ def test_default_model_greedy_parity_with_three_adapters(default_checkpoint: Pat
             assert any(by_job[name, p] != by_job["base", p] for _, p in jobs[:2])
     finally:
         live.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="counts threads in /proc/self/task")
+def test_loading_leaves_no_openmp_team_behind_for_the_decode_thread_to_share_cores_with(
+    default_checkpoint: Path,
+) -> None:
+    """A fresh process: build_app loads the default model (large copies, parallel regions on any other thread
+    count) and leaves no worker thread behind, while the same process's next parallel product starts one."""
+    script = f"""
+import os, torch
+from lorafit.serve import build_app
+count = lambda: len(os.listdir("/proc/self/task"))
+before = count()
+app = build_app({str(default_checkpoint)!r})
+after_loading = count()
+torch.randn(2048, 2048) @ torch.randn(2048, 2048)
+print(before, after_loading, count(), torch.get_num_threads())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    before, after_loading, after_product, threads = map(int, done.stdout.split())
+    assert after_loading == before
+    if threads > 1:  # the thread count is back, and a parallel region now does start a team
+        assert after_product > after_loading

@@ -63,7 +63,7 @@ def build_app(
     from lorafit.generate import prepare_for_decoding
     from lorafit.hub import DEFAULT_MODEL, resolve_checkpoint
     from lorafit.quant import load_quantized
-    from lorafit.runtime import resolve_device, resolve_dtype
+    from lorafit.runtime import one_thread, resolve_device, resolve_dtype
     from lorafit.serve.adapters import AdapterStore
     from lorafit.serve.app import ServeSettings, create_app
     from lorafit.tokenizer import Tokenizer
@@ -72,30 +72,32 @@ def build_app(
         raise ValueError(f"--max-batch must be at least 1, got {max_batch}")
     if adapter_dir is not None and not Path(adapter_dir).is_dir():
         raise FileNotFoundError(f"--adapter-dir {adapter_dir}: not a directory")
-    path = resolve_checkpoint(checkpoint)
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    # As LLM.load (generate, chat) loads it: block linears quantised while loading, then made ready for decoding.
-    if quantize:
-        model = load_quantized(path, quantize, torch_dtype, torch_device)
-    else:
-        model = load_model(path, dtype=torch_dtype, device=torch_device)
-    prepare_for_decoding(model, quantize, compile)
-    tokenizer = Tokenizer.from_checkpoint(path)
-    max_model_len = min(max_model_len, model.config.block_size)
-    store = AdapterStore(model, max_loaded_adapters, adapter_dir, allow_any_adapter_path)
-    for name, run in adapters:
-        store.load(name, run)
-    settings = ServeSettings(
-        base_name=served_model_name or str(checkpoint or DEFAULT_MODEL),
-        api_key=api_key,
-        max_batch=max_batch,
-        max_model_len=max_model_len,
-        max_body_bytes=max_body_bytes,
-        compile=compile,
-        max_prefill_tokens=max_prefill_tokens,
-    )
-    return create_app(model, tokenizer, store, settings)
+    # Everything here runs on one thread, so only the decode thread ever starts an OpenMP team (runtime.one_thread).
+    with one_thread():
+        path = resolve_checkpoint(checkpoint)
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        # As LLM.load (generate, chat) loads it: block linears quantised while loading, then made ready for decoding.
+        if quantize:
+            model = load_quantized(path, quantize, torch_dtype, torch_device)
+        else:
+            model = load_model(path, dtype=torch_dtype, device=torch_device)
+        prepare_for_decoding(model, quantize, compile)
+        tokenizer = Tokenizer.from_checkpoint(path)
+        max_model_len = min(max_model_len, model.config.block_size)
+        store = AdapterStore(model, max_loaded_adapters, adapter_dir, allow_any_adapter_path)
+        for name, run in adapters:
+            store.load(name, run)
+        settings = ServeSettings(
+            base_name=served_model_name or str(checkpoint or DEFAULT_MODEL),
+            api_key=api_key,
+            max_batch=max_batch,
+            max_model_len=max_model_len,
+            max_body_bytes=max_body_bytes,
+            compile=compile,
+            max_prefill_tokens=max_prefill_tokens,
+        )
+        return create_app(model, tokenizer, store, settings)
 
 
 def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
