@@ -195,6 +195,33 @@ def test_stopping_the_engine_ends_running_and_queued_requests_with_an_error(tiny
         engine.submit(Request([1], 1, Sampling(), frozenset(), recorder(0)))
 
 
+def test_the_decode_thread_computes_on_the_engines_threads_whatever_other_threads_set(tiny_checkpoint: Path) -> None:
+    """build_app leaves every other thread of a server on one core; the decode thread sets its own count."""
+    from lorafit.serve.adapters import AdapterStore
+    from lorafit.serve.scheduler import Engine, Request, Sampling
+
+    model = load_model(tiny_checkpoint)
+    engine = Engine(model, AdapterStore(model, 1), max_batch=1, max_length=64, threads=2)
+    seen: list[int] = []
+    done = threading.Event()
+
+    def emit(token: int | None, reason: str | None) -> None:  # called in the decode thread
+        seen.append(torch.get_num_threads())
+        if reason is not None:
+            done.set()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the loading thread leaves it (runtime.one_thread)... and new threads start so
+    try:
+        engine.start()
+        engine.submit(Request([1, 5, 6], 3, Sampling(), frozenset(), emit))
+        assert done.wait(60)
+    finally:
+        engine.stop()
+        torch.set_num_threads(threads)
+    assert seen and set(seen) == {2}
+
+
 # ---------------------------------------------------------------------------- a live server
 
 

@@ -59,6 +59,8 @@ def build_app(
     until then).
     """
     require_serve_extra()
+    import torch
+
     from lorafit.checkpoint import load_model
     from lorafit.generate import prepare_for_decoding
     from lorafit.hub import DEFAULT_MODEL, resolve_checkpoint
@@ -72,7 +74,9 @@ def build_app(
         raise ValueError(f"--max-batch must be at least 1, got {max_batch}")
     if adapter_dir is not None and not Path(adapter_dir).is_dir():
         raise FileNotFoundError(f"--adapter-dir {adapter_dir}: not a directory")
-    # Everything here runs on one thread, so only the decode thread ever starts an OpenMP team (runtime.one_thread).
+    # Everything here runs on one thread, so only the decode thread ever starts an OpenMP team (runtime.one_thread);
+    # the decode thread uses the threads torch has here.
+    threads = torch.get_num_threads()
     with one_thread():
         path = resolve_checkpoint(checkpoint)
         torch_device = resolve_device(device)
@@ -96,6 +100,7 @@ def build_app(
             max_body_bytes=max_body_bytes,
             compile=compile,
             max_prefill_tokens=max_prefill_tokens,
+            threads=threads,
         )
         return create_app(model, tokenizer, store, settings)
 

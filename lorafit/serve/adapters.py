@@ -36,6 +36,7 @@ from lorafit.methods.qlora import QLoRA
 from lorafit.model import LLaMA
 from lorafit.ops import is_plain_linear
 from lorafit.quant import QuantizedLinear, quantized_linears
+from lorafit.runtime import one_thread
 from lorafit.serve.multi_lora import BatchAdapters, MultiLoRALinear
 
 
@@ -154,18 +155,21 @@ class AdapterStore:
         with self.books:
             if name in self.loaded:
                 raise AdapterError(f"an adapter named {name!r} is already loaded")
-        config, layers = read_lora_adapter(path, self.model)
-        with self.lock:  # no decode step and no other load meanwhile; requests for loaded adapters go on
-            with self.books:
-                if name in self.loaded:
-                    raise AdapterError(f"an adapter named {name!r} is already loaded")
-                slot = self._free_slot()
-            adapter = LoadedAdapter(name, path, slot, config, pinned, layers)
-            self._install(adapter)
-            with self.books:
-                self.loaded[name] = adapter
-                self.slot_owner[slot] = name
-            return adapter
+        # On one thread: the decode thread is to be the only one with an OpenMP team (runtime.one_thread), and
+        # loads run in the server's request threads (an adapter's tensors are small).
+        with one_thread():
+            config, layers = read_lora_adapter(path, self.model)
+            with self.lock:  # no decode step and no other load meanwhile; requests for loaded adapters go on
+                with self.books:
+                    if name in self.loaded:
+                        raise AdapterError(f"an adapter named {name!r} is already loaded")
+                    slot = self._free_slot()
+                adapter = LoadedAdapter(name, path, slot, config, pinned, layers)
+                self._install(adapter)
+                with self.books:
+                    self.loaded[name] = adapter
+                    self.slot_owner[slot] = name
+                return adapter
 
     def unload(self, name: str) -> None:
         """Forget an adapter; running requests that use it finish with it, new ones get 404."""

@@ -45,6 +45,7 @@ class ServeSettings:
     graceful_shutdown_s: float = 30.0
     compile: bool = False
     max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS
+    threads: int | None = None  # CPU threads of the decode loop (None: torch's count where the app is made)
 
 
 class APIError(Exception):
@@ -198,6 +199,7 @@ def create_app(model: LLaMA, tokenizer: Any, adapters: AdapterStore, settings: S
         on_step,
         compiled=settings.compile,
         max_prefill_tokens=settings.max_prefill_tokens,
+        threads=settings.threads,
     )
     registry.register(EngineCounters(engine))
     created = int(time.time())

@@ -93,6 +93,7 @@ class Engine:
         on_step: Callable[[int, int], None] | None = None,
         compiled: bool = False,
         max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
+        threads: int | None = None,
     ) -> None:
         if max_prefill_tokens < 1:
             raise ValueError(f"--max-prefill-tokens must be at least 1, got {max_prefill_tokens}")
@@ -113,6 +114,9 @@ class Engine:
             block.self_attn.kv_cache = rows
         model.rope(0, max_length, self.device)  # the tables every position will need, built once
         self.compiled = compiled
+        # Set in the decode thread itself: torch's thread count is per thread, and a new thread takes whatever count
+        # some thread set last (every other thread of a server works on one: runtime.one_thread).
+        self.threads = threads or torch.get_num_threads()
         self.decode: Callable[..., torch.Tensor] = model  # compiled in the decode thread, see _warm_up
         if compiled:
             adapters.batch.always = adapters.batch.any = True  # one graph for base-only and mixed batches
@@ -167,6 +171,10 @@ class Engine:
 
     # ---------------------------------------------------------------------------- the loop
     def _loop(self) -> None:
+        # torch takes a new thread's count from the last one set anywhere at the thread's first call, which
+        # get_num_threads makes now, before setting this thread's own.
+        torch.get_num_threads()
+        torch.set_num_threads(self.threads)
         with torch.inference_mode():
             if self.compiled:
                 with self.adapters.lock:
