@@ -23,7 +23,7 @@ from contextlib import ExitStack
 from unittest import mock
 
 import torch
-from machine import describe, probe, read_bandwidth
+from machine import decode_weight_bytes, describe, probe, read_bandwidth
 
 PROMPT_TOKENS = 30
 
@@ -34,7 +34,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     machine = probe(args.threads)
     engines = load_engines(args)
-    weight_bytes = decoded_weight_bytes(next(iter(engines.values()))[0])
+    weight_bytes = decode_weight_bytes(next(iter(engines.values()))[0].config, torch.float32.itemsize)
     seconds: dict[str, list[float]] = {name: [] for name in engines}
     reads = []
     token = torch.tensor([[5]])
@@ -82,11 +82,6 @@ def load_engines(args: argparse.Namespace) -> dict[str, tuple[torch.nn.Module, o
             name = ("lorafit --compile" if compile else "lorafit") + ("" if packed else ", weights as loaded")
             engines[name] = (model, step)
     return engines
-
-
-def decoded_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights one token reads: every parameter once (a tied embedding is the LM head)."""
-    return sum(p.nbytes for p in model.parameters())
 
 
 def table(seconds: dict[str, list[float]], reads: list[float], weight_bytes: int, args, machine: dict) -> str:
