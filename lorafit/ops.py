@@ -14,8 +14,8 @@ weights. PyTorch's CPU path for that, MKL's matrix-vector product, runs on one t
 weights at about 12 GB/s on the AMD EPYC we measure on, a third of the 34 GB/s two threads can read. The
 same product written as a batch over slices of the weight's rows (torch.bmm) is spread over the threads:
 about 30 GB/s on 2 threads for 1 to 2 rows and still ahead up to 64 (benchmarks/generate.py has the end-to-end
-figures). `linear` picks it for the few-row float32 products of inference; bf16 weights read faster through
-F.linear here, and training's products have thousands of rows.
+figures). `linear` picks it for the few-row float32 products of inference; training's products have thousands
+of rows. bf16 weights take F.linear, for one or two rows without oneDNN (see ONEDNN_MIN_ROWS).
 """
 
 from __future__ import annotations
@@ -132,16 +132,28 @@ SPLIT_ROWS = 64
 """Up to this many rows a float32 product on the CPU is split over row slices of the weight (measured faster)."""
 
 
+ONEDNN_MIN_ROWS = 3
+"""Below this many rows a bf16 product on the CPU skips oneDNN: PyTorch's own kernel streams the weight faster.
+
+Measured on the 2-core AMD EPYC (avx512_bf16), 120 Llama-block weights read cold: 1 row 29.6 against 14.4 GB/s
+through oneDNN, 2 rows 18.5 against 13.9; from 4 rows oneDNN is ahead (9.7 against 12.7). Same values.
+"""
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias); without autograd, a few float32 rows on the CPU go through row slices in parallel."""
+    """F.linear(x, weight, bias); without autograd, the few rows of decoding on the CPU take a faster kernel:
+    float32 goes through row slices in parallel, one or two bf16 rows through PyTorch's kernel instead of oneDNN's.
+    """
     parts = max(2, torch.get_num_threads())
     rows = x.numel() // x.shape[-1] if x.dim() else 0
+    decoding = 0 < rows and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == weight.dtype
+    if decoding and rows < ONEDNN_MIN_ROWS and x.dtype == torch.bfloat16:
+        return _without_onednn(F.linear, x, weight, bias)
     fast = (
-        0 < rows <= SPLIT_ROWS
+        decoding
+        and rows <= SPLIT_ROWS
         and bias is None
-        and not torch.is_grad_enabled()
-        and x.dtype == weight.dtype == torch.float32
-        and x.device.type == "cpu"
+        and x.dtype == torch.float32
         and weight.shape[0] % parts == 0
         and weight.is_contiguous()
     )
@@ -152,6 +164,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     out = torch.bmm(weight.view(parts, -1, weight.shape[1]), flat.t().expand(parts, -1, -1))
     # Back to (rows, out) in memory too: later ops on the transposed view were 2-3x slower at 8-32 rows.
     return out.view(weight.shape[0], rows).t().contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
+def _without_onednn(function, *args: torch.Tensor | None) -> torch.Tensor:
+    """function(*args) with PyTorch's oneDNN (mkldnn) kernels switched off for the call.
+
+    The switch is the process's (torch.backends.mkldnn.enabled): a product another thread runs meanwhile takes
+    PyTorch's kernel too, with the same values. Decoding runs on one thread (a server's decode loop).
+    """
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        return function(*args)
+    finally:
+        torch.backends.mkldnn.enabled = enabled
 
 
 class DecodeLinear(torch.nn.Linear):

@@ -239,6 +239,33 @@ def test_linear_takes_f_linear_outside_decoding(case: str, bmm_calls: list) -> N
     assert bmm_calls == []
 
 
+class _OneDnnAtLinear(TorchFunctionMode):
+    """Whether oneDNN was switched on at each F.linear call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enabled: list[bool] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.linear:
+            self.enabled.append(torch.backends.mkldnn.enabled)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("rows", [1, 2, ops.ONEDNN_MIN_ROWS, ops.SPLIT_ROWS])
+def test_linear_takes_bf16_decoding_rows_past_onednn(rows: int) -> None:
+    torch.manual_seed(0)
+    x, weight = torch.randn(rows, 96).bfloat16(), torch.randn(48, 96).bfloat16()
+    with _OneDnnAtLinear() as mode, torch.no_grad():
+        out = ops.linear(x, weight)
+    assert mode.enabled == [rows >= ops.ONEDNN_MIN_ROWS]
+    assert torch.backends.mkldnn.enabled  # switched on again for everything else
+    torch.testing.assert_close(out.float(), x.float() @ weight.float().t(), rtol=1e-2, atol=2e-2)
+    with pytest.raises(RuntimeError), torch.no_grad():
+        ops.linear(x[:1], weight.t())  # wrong shape: the error comes through, the switch is back on
+    assert torch.backends.mkldnn.enabled
+
+
 def test_decode_kernels_keep_the_model_and_its_answers(bmm_calls: list) -> None:
     import gc
     import weakref
