@@ -20,8 +20,9 @@ of rows. bf16 weights take F.linear, for one or two rows without oneDNN (see ONE
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -189,6 +190,11 @@ class DecodeLinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.product(x, self.weight, self.bias)
 
+    @staticmethod
+    def joined_product(layers: Sequence[DecodeLinear], weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """x times the joined weight of `layers` (join_linears)."""
+        return partial(linear, weight=weight)
+
     @classmethod
     def wrap(cls, plain: torch.nn.Linear) -> DecodeLinear:
         """The same layer, sharing (not copying) its weight and bias."""
@@ -199,13 +205,14 @@ class DecodeLinear(torch.nn.Linear):
 
 @dataclass(frozen=True)
 class JoinedWeights:
-    """The row blocks of several DecodeLinears' weights as one tensor (join_linears), so `project` does one product.
+    """Several layers' weights as the row blocks of one tensor (join_linears), so `project` does one product.
 
-    `pointers` are the members' weights' addresses when joined: a member whose weight was replaced since (a LoRA
-    merge, .to(), loading) no longer matches, and `project` computes the layers one by one again.
+    `product(x)` multiplies by all of them at once, with the layers' own kernel. `pointers` are the members'
+    weights' addresses when joined: a member whose weight was replaced since (a LoRA merge, .to(), loading) no
+    longer matches, and `project` computes the layers one by one again.
     """
 
-    weight: torch.Tensor
+    product: Callable[[torch.Tensor], torch.Tensor]
     sizes: tuple[int, ...]
     pointers: tuple[int, ...]
 
@@ -215,32 +222,45 @@ def is_plain_linear(module: torch.nn.Module) -> bool:
     return type(module) in (torch.nn.Linear, DecodeLinear)
 
 
+def decode_weight(layer: torch.nn.Module) -> torch.Tensor | None:
+    """The tensor a decode step streams for `layer`: a linear layer's weight (a LoRA layer's frozen base too), or
+    what another layer offers as its `decode_weight` (an int8 QuantizedLinear's codes); None if there is none."""
+    if isinstance(layer, torch.nn.Linear):
+        return layer.weight if isinstance(layer.weight, torch.Tensor) else None
+    return getattr(layer, "decode_weight", None)
+
+
 def joinable(layers: Sequence[torch.nn.Module]) -> bool:
-    """Whether join_linears can store these layers' weights as one tensor: plain linears without bias whose
-    weights share dtype, device and input width. A single layer only needs a weight of its own to move (a LoRA
-    layer's frozen base weight moves too; a quantised base does not)."""
-    if len(layers) == 1:
-        fits = isinstance(layers[0], torch.nn.Linear) and isinstance(layers[0].weight, torch.Tensor)
-    else:
-        fits = all(is_plain_linear(layer) and layer.bias is None for layer in layers)
-    if not layers or not fits:
+    """Whether join_linears can store these layers' weights (decode_weight) as one tensor. Several layers must be
+    of one type that can compute them as one product (`joined_product`: DecodeLinear, int8 QuantizedLinear),
+    without bias, their weights sharing dtype, device and input width; a single layer only needs a decode_weight."""
+    weights = [decode_weight(layer) for layer in layers]
+    if not layers or any(w is None for w in weights):
         return False
-    weights = [layer.weight for layer in layers]
+    if len(layers) > 1:
+        kind = type(layers[0])
+        if not hasattr(kind, "joined_product") or any(type(x) is not kind or x.bias is not None for x in layers):
+            return False
     return len({(w.dtype, w.device, w.shape[1]) for w in weights}) == 1 and not weights[0].is_meta
 
 
 def join_linears(layers: Sequence[torch.nn.Module], joined: torch.Tensor) -> None:
-    """Make the weights of linear layers that read the same input views of `joined`, which holds them as row
+    """Make the decode weights of layers that read the same input views of `joined`, which holds them as row
     blocks in the layers' order (runtime.pack_decode_weights copies them there).
 
-    Each layer keeps its own weight parameter (same name, values, requires_grad, and any tying, as a tied LM
-    head's); for several DecodeLinears the first records the join for `project`. The layers must be `joinable`.
+    Each linear layer keeps its own weight parameter (same name, values, requires_grad, and any tying, as a tied
+    LM head's); other layers take the view through `place_decode_weight`. For several layers the first records
+    the join for `project`. The layers must be `joinable`.
     """
-    views = joined.split([layer.weight.shape[0] for layer in layers])
+    views = joined.split([decode_weight(layer).shape[0] for layer in layers])
     for layer, view in zip(layers, views, strict=True):
-        layer.weight.data = view  # the same Parameter: a tied embedding follows the LM head
-    if len(layers) > 1 and all(type(layer) is DecodeLinear for layer in layers):
-        layers[0].joined = JoinedWeights(joined, tuple(len(v) for v in views), tuple(v.data_ptr() for v in views))
+        if isinstance(layer, torch.nn.Linear):
+            layer.weight.data = view  # the same Parameter: a tied embedding follows the LM head
+        else:
+            layer.place_decode_weight(view)
+    if len(layers) > 1:
+        product = type(layers[0]).joined_product(layers, joined)
+        layers[0].joined = JoinedWeights(product, tuple(len(v) for v in views), tuple(v.data_ptr() for v in views))
 
 
 def project(x: torch.Tensor, layers: Sequence[torch.nn.Module]) -> list[torch.Tensor]:
@@ -251,15 +271,15 @@ def project(x: torch.Tensor, layers: Sequence[torch.nn.Module]) -> list[torch.Te
     up, take 5 of a Llama block's 7 products down to 2 (tests/test_ops.py checks the values). Only without
     autograd: the layers' own parameters are what training sees.
     """
-    joined = layers[0].joined if type(layers[0]) is DecodeLinear else None
+    joined = getattr(layers[0], "joined", None)
     if (
         joined is None
         or torch.is_grad_enabled()
-        or not all(type(layer) is DecodeLinear for layer in layers)
-        or tuple(layer.weight.data_ptr() for layer in layers) != joined.pointers
+        or any(type(layer) is not type(layers[0]) for layer in layers)
+        or tuple(decode_weight(layer).data_ptr() for layer in layers) != joined.pointers
     ):
         return [layer(x) for layer in layers]
-    return list(linear(x, joined.weight).split(joined.sizes, dim=-1))
+    return list(joined.product(x).split(joined.sizes, dim=-1))
 
 
 def keep_product(source: torch.nn.Module, wrapper: torch.nn.Module) -> None:

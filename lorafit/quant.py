@@ -17,11 +17,14 @@ too (`quantize_lm_head`), the largest matrix a decoded token reads.
 
 Decoding int8: eager on the CPU through PyTorch's fused kernel `_weight_int8pack_mm`, compiled through inductor
 as one reduction per layer reading the int8 codes (`int8_linear`); see benchmarks/generate.py for what each
-reaches.
+reaches. Either way the codes are packed in reading order on huge pages (runtime.pack_decode_weights), and in
+eager decoding a block's q-k-v and gate-up layers are each one product (ops.project), as for float weights.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -30,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lorafit.ops import is_plain_linear
+from lorafit.ops import JoinedWeights, is_plain_linear
 from lorafit.runtime import drop_pages, trim_heap
 
 if TYPE_CHECKING:
@@ -111,9 +114,27 @@ class QuantizedLinear(nn.Module):
             layer.bias = nn.Parameter(bias.detach().to(weight.dtype), requires_grad=False)
         return layer
 
+    joined: JoinedWeights | None = None
+    """Set by ops.join_linears on the first of several int8 layers that read one input (decoding's q-k-v)."""
+
     @property
     def device(self) -> torch.device:
         return self.qweight.device
+
+    @property
+    def decode_weight(self) -> torch.Tensor | None:
+        """The int8 codes, which a decode step streams (runtime.pack_decode_weights moves them); None for nf4."""
+        return self.qweight if self.scheme == "int8" else None
+
+    def place_decode_weight(self, codes: torch.Tensor) -> None:
+        """Read the int8 codes from `codes` (the same values, elsewhere in memory) from now on."""
+        self.qweight = codes
+
+    @staticmethod
+    def joined_product(layers: Sequence[QuantizedLinear], codes: torch.Tensor) -> Callable[..., torch.Tensor]:
+        """x times the int8 layers whose codes ops.join_linears joined into `codes`, as one int8_linear."""
+        scale = torch.cat([layer.scale for layer in layers])
+        return partial(int8_linear, qweight=codes, scale=scale, scale_bf16=torch.cat([x.scale_bf16 for x in layers]))
 
     @property
     def is_meta(self) -> bool:

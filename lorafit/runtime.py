@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from lorafit.io import write_json
-from lorafit.ops import DecodeLinear, join_linears, joinable, linear
+from lorafit.ops import DecodeLinear, decode_weight, join_linears, joinable, linear
 
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
 DTYPES = {
@@ -367,10 +367,11 @@ def pack_decode_weights(model: torch.nn.Module, join: bool) -> int:
     compiled 1.04-1.13x; benchmarks/decode_share.py). Each layer keeps its weight parameter, now a view into the
     buffer (names, values and tying unchanged).
 
-    join: each group of decode_order whose layers are all plain DecodeLinears is joined for ops.project; the
-    rest are packed one by one (a LoRA layer's base weight; with join False every layer, for the compiled step,
-    which writes its own kernels). A quantised layer stays where it is. A memory-mapped weight's pages are let
-    go as it is copied (move_rows), so the peak does not hold the weights twice. Returns the bytes packed.
+    join: each group of decode_order that ops.joinable allows (all DecodeLinears, or all int8 layers) is joined for
+    ops.project; the rest are packed one by one (a LoRA layer's base weight; with join False every layer, for the
+    compiled step, which writes its own kernels). int8 layers' codes move too; nf4 layers stay where they are. A
+    memory-mapped weight's pages are let go as it is copied (move_rows), so the peak does not hold the weights
+    twice. Returns the bytes packed.
     """
     groups = []
     for group in decode_order(model):
@@ -380,17 +381,16 @@ def pack_decode_weights(model: torch.nn.Module, join: bool) -> int:
             groups += [(layer,) for layer in group if joinable((layer,))]
     if not groups:
         return 0
-    sizes = [sum(layer.weight.nbytes for layer in group) for group in groups]
+    sizes = [sum(decode_weight(layer).nbytes for layer in group) for group in groups]
     offsets = [0]
     for size in sizes[:-1]:
         offsets.append(offsets[-1] + -(-size // PACK_ALIGNMENT) * PACK_ALIGNMENT)
-    device = groups[0][0].weight.device
-    buffer = huge_page_empty(offsets[-1] + sizes[-1], device)
+    buffer = huge_page_empty(offsets[-1] + sizes[-1], decode_weight(groups[0][0]).device)
     for group, offset, size in zip(groups, offsets, sizes, strict=True):
-        weight = group[0].weight
-        joined = buffer[offset : offset + size].view(weight.dtype).view(-1, weight.shape[1])
-        for layer, slot in zip(group, joined.split([layer.weight.shape[0] for layer in group]), strict=True):
-            move_rows(layer.weight.detach(), slot)
+        weights = [decode_weight(layer).detach() for layer in group]
+        joined = buffer[offset : offset + size].view(weights[0].dtype).view(-1, weights[0].shape[1])
+        for weight, slot in zip(weights, joined.split([w.shape[0] for w in weights]), strict=True):
+            move_rows(weight, slot)
         join_linears(group, joined)
     return sum(sizes)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lorafit import ops
 from lorafit.lora import LoRALinear
@@ -305,11 +307,11 @@ def assert_packed_in_reading_order(model: torch.nn.Module) -> None:
     """Every linear weight is a view of one buffer, laid out as a decode step reads them (runtime.decode_order)."""
     from lorafit.runtime import decode_order
 
-    weights = [layer.weight for group in decode_order(model) for layer in group]
+    weights = [ops.decode_weight(layer) for group in decode_order(model) for layer in group]
     assert len({w.untyped_storage().data_ptr() for w in weights}) == 1
     addresses = [w.data_ptr() for w in weights]
     assert addresses == sorted(addresses) and len(set(addresses)) == len(addresses)
-    assert all(w.data_ptr() % 64 == 0 for group in decode_order(model) for w in [group[0].weight])
+    assert all(ops.decode_weight(group[0]).data_ptr() % 64 == 0 for group in decode_order(model))
 
 
 def test_decode_kernels_join_each_blocks_projections_without_copying_them(bmm_calls: list, tmp_path) -> None:
@@ -324,7 +326,7 @@ def test_decode_kernels_join_each_blocks_projections_without_copying_them(bmm_ca
         joined = group[0].joined
         assert joined is not None and joined.sizes == tuple(layer.out_features for layer in group)
         # Each layer's weight is a view of the joined tensor: one copy of the weights, under the same names.
-        starts = [joined.weight.data_ptr() + sum(joined.sizes[:i]) * 32 * 4 for i in range(len(group))]
+        starts = [group[0].weight.data_ptr() + sum(joined.sizes[:i]) * 32 * 4 for i in range(len(group))]
         assert [layer.weight.data_ptr() for layer in group] == starts
     assert_packed_in_reading_order(model)
     assert model.state_dict().keys() == reference.state_dict().keys()
@@ -351,6 +353,49 @@ def test_decode_kernels_join_each_blocks_projections_without_copying_them(bmm_ca
     saved = load_model(tmp_path / "saved")
     for name, tensor in reference.state_dict().items():
         assert torch.equal(saved.state_dict()[name], tensor), name
+
+
+class _Int8Products(TorchDispatchMode):
+    """The output widths of the int8 kernel's calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.widths: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._weight_int8pack_mm.default:
+            self.widths.append(args[1].shape[0])
+        return func(*args, **(kwargs or {}))
+
+
+def test_int8_layers_decode_from_joined_codes_in_reading_order() -> None:
+    from lorafit.generate import prepare_for_decoding
+    from lorafit.quant import quantize_model
+    from tests.conftest import tiny_model
+
+    model = tiny_model().eval()
+    quantize_model(model, "int8")
+    reference = copy.deepcopy(model)
+    prepare_for_decoding(model, "int8", compile=False)  # an int8 LM head, then packing
+    prepare_for_decoding(reference, "int8", compile=True)  # the same int8 layers, packed one by one
+    attention, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    assert attention.q_proj.joined.sizes == (32, 16, 16) and mlp.gate_proj.joined.sizes == (64, 64)
+    assert getattr(reference.layers[0].self_attn.q_proj, "joined", None) is None
+    assert_packed_in_reading_order(model)
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+    tokens = torch.tensor([[5, 9, 2, 7]])
+    for m in (model, reference):
+        m.setup_kv_cache(1, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), reference(tokens), rtol=1e-5, atol=1e-5)
+        expected = reference(tokens[:, :1], 4)
+        with _Int8Products() as products:
+            torch.testing.assert_close(model(tokens[:, :1], 4), expected, rtol=1e-5, atol=1e-5)
+    # Per block: one product for q, k and v, then o, one for gate and up, then down; then the LM head.
+    assert products.widths[:4] == [64, 32, 128, 32] and len(products.widths) == 4 * len(model.layers) + 1
 
 
 def test_project_computes_layers_one_by_one_once_a_joined_weight_is_replaced() -> None:
@@ -447,7 +492,7 @@ def test_packing_for_the_compiled_step_and_around_lora_and_quantised_layers() ->
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), reference(tokens), rtol=0, atol=0)
 
-    # Unmerged LoRA on q and v: their base weights move on their own, k stays joinable only by itself.
+    # Unmerged LoRA on q and v: their base weights move on their own, k stays joinable only by itself; int8 o moves.
     model, reference = tiny_model().eval(), tiny_model().eval()
     for m in (model, reference):
         torch.manual_seed(1)
@@ -461,9 +506,11 @@ def test_packing_for_the_compiled_step_and_around_lora_and_quantised_layers() ->
     reference.layers[0].self_attn.o_proj = attention.o_proj  # the same int8 layer in both
     qweight = attention.o_proj.qweight
     assert pack_decode_weights(model, join=True) > 0
-    assert getattr(attention.k_proj, "joined", None) is None and attention.o_proj.qweight is qweight
-    storages = {layer.weight.untyped_storage().data_ptr() for layer in (attention.q_proj, attention.k_proj)}
-    assert len(storages) == 1 and attention.q_proj.weight.data_ptr() < attention.k_proj.weight.data_ptr()
+    assert getattr(attention.k_proj, "joined", None) is None
+    assert attention.o_proj.qweight is not qweight and torch.equal(attention.o_proj.qweight, qweight)  # codes move
+    packed = (attention.q_proj.weight, attention.k_proj.weight, attention.o_proj.qweight)
+    assert len({tensor.untyped_storage().data_ptr() for tensor in packed}) == 1
+    assert [tensor.data_ptr() for tensor in packed] == sorted(tensor.data_ptr() for tensor in packed)
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), reference(tokens), rtol=0, atol=0)
 
