@@ -12,6 +12,12 @@ share over the rounds and its range, and each engine's speed against eager loraf
 Engines: lorafit eager and compiled as generate, chat and serve load them (weights packed into one buffer on
 huge pages, runtime.pack_decode_weights), and the same two with the weights left where loading put them (the
 checkpoint's memory-mapped pages), which is what packing is measured against.
+
+What a token costs besides its weights: each round also times both packed engines' steps on a model of the same
+depth, heads and head size whose hidden layers are 16 wide (a few MB of weights; the same operations, the same
+attention over the same KV cache). That fixed cost caps the share a step can reach at a given bandwidth:
+ceiling = (W / read) / (W / read + fixed) for W bytes of weights, and the weights themselves stream at
+W / (step - fixed); the table gives both, so a shortfall can be told apart from a slow product.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ def main() -> None:
     machine = probe(args.threads)
     engines = load_engines(args)
     weight_bytes = decode_weight_bytes(next(iter(engines.values()))[0].config, torch.float32.itemsize)
+    engines |= fixed_cost_engines(engines, args)
     seconds: dict[str, list[float]] = {name: [] for name in engines}
     reads = []
     token = torch.tensor([[5]])
@@ -84,8 +91,34 @@ def load_engines(args: argparse.Namespace) -> dict[str, tuple[torch.nn.Module, o
     return engines
 
 
+FIXED = ", fixed cost"
+"""Suffix of the engine that times `name`'s step on the narrow model (fixed_cost_engines)."""
+
+
+def fixed_cost_engines(engines: dict, args: argparse.Namespace) -> dict[str, tuple[torch.nn.Module, object]]:
+    """For each packed engine, the same step on a model of the same depth, heads and head size, 16 wide."""
+    import dataclasses
+
+    from lorafit.generate import compiled_decode_step, prepare_for_decoding
+    from lorafit.model import LLaMA
+
+    fixed = {}
+    for name in ("lorafit", "lorafit --compile"):
+        if name not in engines:
+            continue
+        config = engines[name][0].config
+        narrow = dataclasses.replace(config, n_embd=16, intermediate_size=16, vocab_size=256)
+        model = LLaMA(narrow).eval()
+        prepare_for_decoding(model, None, compile=name.endswith("--compile"))
+        model.setup_kv_cache(1, PROMPT_TOKENS + args.steps)
+        model(torch.arange(100, 100 + PROMPT_TOKENS)[None], 0)
+        fixed[name + FIXED] = (model, compiled_decode_step(model) if name.endswith("--compile") else model)
+    return fixed
+
+
 def table(seconds: dict[str, list[float]], reads: list[float], weight_bytes: int, args, machine: dict) -> str:
-    """Per engine: median tokens/s, GB/s, share of the probe before each round (median, range), vs eager lorafit."""
+    """Per engine: median tokens/s, GB/s, share of the probe before each round (median, range), vs eager lorafit;
+    for an engine with a fixed-cost twin, that cost, the share it leaves possible, and the weights' own stream."""
     reference = seconds["lorafit"]
     lines = [
         f"{args.rounds} rounds of a read probe then {args.steps} decode steps per engine, one token at a time after a "
@@ -94,17 +127,28 @@ def table(seconds: dict[str, list[float]], reads: list[float], weight_bytes: int
         f"({min(reads):.1f}-{max(reads):.1f}).",
         "",
         "| engine | tokens/s (median) | weight GB/s | share of the read probed before the round (median) "
-        "| range over the rounds | speed vs lorafit eager, same round (median) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| range over the rounds | speed vs lorafit eager, same round (median) | fixed cost per token "
+        "| share possible with that fixed cost | weights streamed once the fixed cost is taken out |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, times in seconds.items():
+        if name.endswith(FIXED):
+            continue
         shares = [weight_bytes / t / 1e9 / read for t, read in zip(times, reads, strict=True)]
         ratio = statistics.median(r / t for t, r in zip(times, reference, strict=True))
         speed = 1 / statistics.median(times)
-        lines.append(
-            f"| {name} | {speed:.1f} | {speed * weight_bytes / 1e9:.1f} | {statistics.median(shares):.0%} "
-            f"| {min(shares):.0%}-{max(shares):.0%} | {ratio:.2f}x |"
-        )
+        row = f"| {name} | {speed:.1f} | {speed * weight_bytes / 1e9:.1f} | {statistics.median(shares):.0%} "
+        row += f"| {min(shares):.0%}-{max(shares):.0%} | {ratio:.2f}x |"
+        fixed = seconds.get(name + FIXED)
+        if fixed:
+            reading = [weight_bytes / 1e9 / read for read in reads]  # seconds to read the weights at the probe's rate
+            ceiling = [r / (r + f) for r, f in zip(reading, fixed, strict=True)]
+            streamed = [r / (t - f) for r, t, f in zip(reading, times, fixed, strict=True)]
+            row += f" {statistics.median(fixed) * 1e3:.1f} ms | {statistics.median(ceiling):.0%} "
+            row += f"| {statistics.median(streamed):.0%} |"
+        else:
+            row += " - | - | - |"
+        lines.append(row)
     return "\n".join(lines)
 
 
