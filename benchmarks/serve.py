@@ -11,8 +11,9 @@ tokens per second over the scenario's wall time, time to first token (p50/p99) a
 (a request's decode time over its tokens after the first, p50/p99), and the throughput as a ratio to
 the naive row and to the base at the same concurrency. From the server's /metrics: decode steps and prefill
 forwards per scenario, the decode steps' weight reads (every block matrix, norm and the LM head once per step,
-machine.py's `decode_weight_bytes`) as a share of this machine's read bandwidth (machine.py's `probe`, measured
-first), and prefill forwards per request (below 1 when arrivals were prefilled together).
+machine.py's `decode_weight_bytes`) as a share of the read bandwidth probed just before the scenario (machine.py's
+`read_bandwidth`, huge pages, with the server idle: a shared machine's bus gives 33-67 GB/s from one minute to the
+next), and prefill forwards per request (below 1 when arrivals were prefilled together).
 
 The baseline "PEFT set_adapter" is the usual way to serve several adapters without a server of one's own:
 transformers' LlamaForCausalLM with every adapter loaded into one peft PeftModel, requests served one at a time,
@@ -35,7 +36,7 @@ from datetime import datetime
 from pathlib import Path
 
 import httpx
-from machine import decode_weight_bytes, describe, probe
+from machine import decode_weight_bytes, describe, probe, read_bandwidth
 
 PROMPTS = [
     "Write a long story about a dragon who learns to bake bread.",
@@ -283,8 +284,9 @@ def main() -> None:
                 for label, models in mixes.items():
                     if len(models) > max(clients, 1) * args.requests:
                         continue  # fewer requests than adapters: the mix would not be what it says
+                    read = read_bandwidth(repeats=3)
                     result = asyncio.run(scenario(url, models, clients, args.requests, args.max_tokens))
-                    rows.append({"mix": label, "clients": clients, **result})
+                    rows.append({"mix": label, "clients": clients, "read_gb_per_s": read, **result})
                     print(f"  {label} @ {clients}: {result['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
         finally:
             server.terminate()
@@ -294,27 +296,27 @@ def main() -> None:
                 rows.append(row | {"mix": f"PEFT set_adapter: {row['mix']}"})
     naive = next((r["tokens_per_s"] for r in rows if r["mix"] == "base" and r["clients"] == 1), float("nan"))
     base_at = {r["clients"]: r["tokens_per_s"] for r in rows if r["mix"] == "base"}
-    bandwidth = machine["read_gb_per_s"]
     print(f"lorafit serve{' --compile' if args.compile else ''}, {datetime.now():%Y-%m-%d %H:%M}, max_tokens "
           f"{args.max_tokens}, {args.requests} requests per client ({args.peft_requests} per PEFT row), "
           f"{time.perf_counter() - started:.0f} s in all; naive = base, 1 client (one request at a time)")  # fmt: skip
     print(f"machine: {describe(machine)}")
     print(
         "| mix | clients | tokens/s | x naive | x base (same clients) | TTFT p50 / p99 ms | per token p50 / p99 ms "
-        f"| decode steps/s | weight reads, share of {bandwidth:.1f} GB/s | prefill forwards per request |"
+        "| decode steps/s | read GB/s just before | weight reads, share of that read | prefill forwards per request |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         speed, ms = r["tokens_per_s"], {k: r[k] * 1e3 for k in ("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99")}
         steps = r.get("decode_steps")
         steps_s = "-" if steps is None else f"{steps / r['wall_s']:.1f}"
-        share = "-" if steps is None else f"{steps * weight_bytes / r['wall_s'] / 1e9 / bandwidth:.0%}"
+        read = "-" if steps is None else f"{r['read_gb_per_s']:.1f}"
+        share = "-" if steps is None else f"{steps * weight_bytes / r['wall_s'] / 1e9 / r['read_gb_per_s']:.0%}"
         prefills = "-" if steps is None else f"{r['prefill_forwards'] / max(r['prefilled_requests'], 1):.2f}"
         print(
             f"| {r['mix']} | {r['clients']} | {speed:.1f} | {speed / naive:.2f} | "
             f"{speed / base_at.get(r['clients'], float('nan')):.2f} | "
             f"{ms['ttft_p50']:.0f} / {ms['ttft_p99']:.0f} | {ms['tpot_p50']:.0f} / {ms['tpot_p99']:.0f} | "
-            f"{steps_s} | {share} | {prefills} |"
+            f"{steps_s} | {read} | {share} | {prefills} |"
         )
     if args.json:
         write_json(args.json, {"machine": machine, "rows": rows})
