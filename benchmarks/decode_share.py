@@ -1,6 +1,7 @@
 """Decoding's share of the read bandwidth at the same moment: a probe and each engine's steps in turn, one process.
 
     python benchmarks/decode_share.py                  # 30 rounds of 20 steps, float32, the default model
+    python benchmarks/decode_share.py --weights float32 bfloat16 int8   # the weight formats side by side
     python benchmarks/decode_share.py --rounds 3 --steps 4 --no-compile   # a smoke run
 
 generate.py times whole generations a row at a time, each in its own process, minutes apart; the memory bus
@@ -11,7 +12,10 @@ share over the rounds and its range, and each engine's speed against eager loraf
 
 Engines: lorafit eager and compiled as generate, chat and serve load them (weights packed into one buffer on
 huge pages, runtime.pack_decode_weights), and the same two with the weights left where loading put them (the
-checkpoint's memory-mapped pages), which is what packing is measured against.
+checkpoint's memory-mapped pages), which is what packing is measured against. --weights adds bf16 and int8
+(weight-only, LLM.load(quantize="int8")) eager and compiled engines, loaded as generate loads them: their speed
+against float32 eager's in the same round is the ratio issue 14's int8 target is about, free of the minutes
+between generate.py's rows.
 
 What a token costs besides its weights: each round also times both packed engines' steps on a model of the same
 depth, heads and head size whose hidden layers are 16 wide (a few MB of weights; the same operations, the same
@@ -29,9 +33,10 @@ from contextlib import ExitStack
 from unittest import mock
 
 import torch
-from machine import decode_weight_bytes, describe, probe, read_bandwidth
+from machine import describe, probe, read_bandwidth, weight_bytes_read
 
 PROMPT_TOKENS = 30
+WEIGHTS = ("float32", "bfloat16", "int8")
 
 
 def main() -> None:
@@ -40,7 +45,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     machine = probe(args.threads)
     engines = load_engines(args)
-    weight_bytes = decode_weight_bytes(next(iter(engines.values()))[0].config, torch.float32.itemsize)
+    weight_bytes = {name: weight_bytes_read(model) for name, (model, _) in engines.items()}
     engines |= fixed_cost_engines(engines, args)
     seconds: dict[str, list[float]] = {name: [] for name in engines}
     reads = []
@@ -65,6 +70,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="decode steps per engine per round")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-compile", action="store_true", help="leave the compiled engines out (no compiler)")
+    parser.add_argument("--weights", nargs="+", choices=WEIGHTS, default=["float32"], help="float32 always runs")
     args = parser.parse_args()
     if args.rounds < 1 or args.steps < 1:
         parser.error("--rounds and --steps must be >= 1")
@@ -76,17 +82,22 @@ def load_engines(args: argparse.Namespace) -> dict[str, tuple[torch.nn.Module, o
     from lorafit.generate import LLM, compiled_decode_step
 
     engines = {}
+    weights = ["float32"] + [w for w in args.weights if w != "float32"]
     for compile in (False,) if args.no_compile else (False, True):
-        for packed in (True, False):
+        for weight, packed in [(w, True) for w in weights] + [("float32", False)]:
             with ExitStack() as stack:
                 if not packed:  # loading as before packing: the same model, its weights where loading put them
                     for module in ("lorafit.runtime", "lorafit.generate"):
                         stack.enter_context(mock.patch(f"{module}.pack_decode_weights", lambda model, join: 0))
-                model = LLM.load(args.checkpoint, dtype=torch.float32, device="cpu", compile=compile).model
+                quantize = "int8" if weight == "int8" else None
+                dtype = torch.bfloat16 if weight == "bfloat16" else torch.float32
+                load = LLM.load(args.checkpoint, dtype=dtype, device="cpu", compile=compile, quantize=quantize)
+            model = load.model
             model.setup_kv_cache(1, PROMPT_TOKENS + args.steps)
             model(torch.arange(100, 100 + PROMPT_TOKENS)[None], 0)
             step = compiled_decode_step(model) if compile else model
-            name = ("lorafit --compile" if compile else "lorafit") + ("" if packed else ", weights as loaded")
+            name = "lorafit --compile" if compile else "lorafit"
+            name += ("" if weight == "float32" else f" {weight}") + ("" if packed else ", weights as loaded")
             engines[name] = (model, step)
     return engines
 
@@ -116,32 +127,34 @@ def fixed_cost_engines(engines: dict, args: argparse.Namespace) -> dict[str, tup
     return fixed
 
 
-def table(seconds: dict[str, list[float]], reads: list[float], weight_bytes: int, args, machine: dict) -> str:
+def table(seconds: dict[str, list[float]], reads: list[float], weight_bytes: dict[str, int], args, machine) -> str:
     """Per engine: median tokens/s, GB/s, share of the probe before each round (median, range), vs eager lorafit;
     for an engine with a fixed-cost twin, that cost, the share it leaves possible, and the weights' own stream."""
     reference = seconds["lorafit"]
     lines = [
         f"{args.rounds} rounds of a read probe then {args.steps} decode steps per engine, one token at a time after a "
-        f"{PROMPT_TOKENS}-token prompt, float32, {weight_bytes / 1e9:.3f} GB of weights per token. Machine: "
+        f"{PROMPT_TOKENS}-token prompt, {weight_bytes['lorafit'] / 1e9:.3f} GB of float32 weights per token. Machine: "
         f"{describe(machine)}. Probes before the rounds: median {statistics.median(reads):.1f} GB/s "
         f"({min(reads):.1f}-{max(reads):.1f}).",
         "",
-        "| engine | tokens/s (median) | weight GB/s | share of the read probed before the round (median) "
-        "| range over the rounds | speed vs lorafit eager, same round (median) | fixed cost per token "
+        "| engine | weight GB/token | tokens/s (median) | weight GB/s "
+        "| share of the read probed before the round (median) | range over the rounds "
+        "| speed vs lorafit eager, same round (median) | fixed cost per token "
         "| share possible with that fixed cost | weights streamed once the fixed cost is taken out |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, times in seconds.items():
         if name.endswith(FIXED):
             continue
-        shares = [weight_bytes / t / 1e9 / read for t, read in zip(times, reads, strict=True)]
+        size = weight_bytes[name]
+        shares = [size / t / 1e9 / read for t, read in zip(times, reads, strict=True)]
         ratio = statistics.median(r / t for t, r in zip(times, reference, strict=True))
         speed = 1 / statistics.median(times)
-        row = f"| {name} | {speed:.1f} | {speed * weight_bytes / 1e9:.1f} | {statistics.median(shares):.0%} "
+        row = f"| {name} | {size / 1e9:.3f} | {speed:.1f} | {speed * size / 1e9:.1f} | {statistics.median(shares):.0%} "
         row += f"| {min(shares):.0%}-{max(shares):.0%} | {ratio:.2f}x |"
         fixed = seconds.get(name + FIXED)
         if fixed:
-            reading = [weight_bytes / 1e9 / read for read in reads]  # seconds to read the weights at the probe's rate
+            reading = [size / 1e9 / read for read in reads]  # seconds to read the weights at the probe's rate
             ceiling = [r / (r + f) for r, f in zip(reading, fixed, strict=True)]
             streamed = [r / (t - f) for r, t, f in zip(reading, times, fixed, strict=True)]
             row += f" {statistics.median(fixed) * 1e3:.1f} ms | {statistics.median(ceiling):.0%} "

@@ -11,12 +11,12 @@ lorafit.generate.compiled_decode_step; their warm-up (which compiles, or loads i
 timed and reported apart. Weight formats: `float32` and `bfloat16` are the model's dtype; `int8` and `nf4` keep
 the block linears quantised (lorafit.quant) and compute in float32.
 
-Bandwidth: the bytes of weights one token reads (each block linear as it is stored, the norms and the LM head;
-`weight_bytes_read`) times decode tokens/s, as a share of the read bandwidth machine.py measures in the row's own
-process, on its threads, just before each timed run; the table gives the median of the runs' shares. The memory
-bus is shared with other guests and what it gives moves by half from minute to minute (28-60 GB/s on
-2026-11-30), so a probe taken at the start, or even around a row, misstates it. Peak memory is read before the
-first probe (after the warm-up and the notes), so the probe's buffer is not in it.
+Bandwidth: the bytes of weights one token reads (each block linear as it is stored, the norms and the LM
+head; machine.py's `weight_bytes_read`) times decode tokens/s, as a share of the read bandwidth machine.py
+measures in the row's own process, on its threads, just before each timed run; the table gives the median of
+the runs' shares. The memory bus is shared with other guests and what it gives moves by half from minute to
+minute (28-60 GB/s on 2026-11-30), so a probe taken at the start, or even around a row, misstates it. Peak
+memory is read before the first probe (after the warm-up and the notes), so the probe's buffer is not in it.
 
 Accuracy: with --adapter (a LoRA run of `lorafit demo`, e.g. `lorafit demo --out out/demo` then `--adapter
 out/demo/run`), each lorafit row merges the adapter into its base before quantising, answers the first
@@ -38,7 +38,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from machine import decode_weight_bytes, describe, probe, read_bandwidth
+from machine import decode_weight_bytes, describe, probe, read_bandwidth, weight_bytes_read
 
 ENGINES = ("transformers", "lorafit", "lorafit --compile")
 WEIGHTS = ("float32", "bfloat16", "int8", "nf4")
@@ -167,23 +167,6 @@ def load_lorafit(checkpoint: str, adapter: Path | None, weights: str, compile: b
     quantize = weights if weights in ("int8", "nf4") else None
     dtype = torch.float32 if quantize else getattr(torch, weights)
     return LLM.load(checkpoint, adapter, dtype=dtype, device="cpu", compile=compile, quantize=quantize)
-
-
-def weight_bytes_read(model: torch.nn.Module) -> int:
-    """Bytes of weights one decoded token reads: every linear as stored (quantised ones: codes and constants),
-    the norms and the LM head (the embedding when tied); the embedding's one row and the KV cache aside."""
-    from lorafit.model import RMSNorm
-    from lorafit.quant import QuantizedLinear
-
-    seen: set[int] = set()
-    total = 0
-    for module in model.modules():
-        if isinstance(module, QuantizedLinear):
-            total += module.nbytes
-        elif isinstance(module, torch.nn.Linear | RMSNorm) and module.weight.data_ptr() not in seen:
-            seen.add(module.weight.data_ptr())
-            total += module.weight.numel() * module.weight.element_size()
-    return total
 
 
 def lorafit_runner(model, compile: bool):

@@ -106,6 +106,23 @@ def decode_weight_bytes(config: Config, element_size: int) -> int:
     return (config.n_layer * block + config.n_embd + config.vocab_size * config.n_embd) * element_size
 
 
+def weight_bytes_read(model: torch.nn.Module) -> int:
+    """Bytes of weights one decoded token reads: every linear as stored (quantised ones: codes and constants),
+    the norms and the LM head (the embedding when tied); the embedding's one row and the KV cache aside."""
+    from lorafit.model import RMSNorm
+    from lorafit.quant import QuantizedLinear
+
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            total += module.nbytes
+        elif isinstance(module, torch.nn.Linear | RMSNorm) and module.weight.data_ptr() not in seen:
+            seen.add(module.weight.data_ptr())
+            total += module.weight.numel() * module.weight.element_size()
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")

@@ -145,10 +145,10 @@ def test_decode_share_sets_each_round_against_the_probe_just_before_it() -> None
     # Eager's narrow twin takes 5 ms a step: reading the weights at the probe's rate takes 10 ms, then 20 ms.
     seconds = {"lorafit": [0.020, 0.025], "lorafit --compile": [0.0125, 0.020], "lorafit, fixed cost": [0.005] * 2}
     args = Namespace(rounds=2, steps=20)
-    lines = decode_share.table(seconds, [50.0, 25.0], 5e8, args, machine).splitlines()
+    lines = decode_share.table(seconds, [50.0, 25.0], dict.fromkeys(seconds, int(5e8)), args, machine).splitlines()
     cells = [[c.strip() for c in line.split("|")[1:-1]] for line in lines if line.startswith("| lorafit")]
     assert len(cells) == 2  # the fixed-cost twin is a column, not a row
     # tokens/s from the median step time (22.5 ms, 16.25 ms); shares are medians of the rounds' own ratios.
     # Possible share: 10 / (10 + 5) = 67%, 20 / 25 = 80%; weights streamed: 10 / (20 - 5) = 67%, 20 / 20 = 100%.
-    assert cells[0] == ["lorafit", "44.4", "22.2", "65%", "50%-80%", "1.00x", "5.0 ms", "73%", "83%"]
-    assert cells[1] == ["lorafit --compile", "61.5", "30.8", "90%", "80%-100%", "1.42x", "-", "-", "-"]  # 1.6x, 1.25x
+    assert cells[0] == ["lorafit", "0.500", "44.4", "22.2", "65%", "50%-80%", "1.00x", "5.0 ms", "73%", "83%"]
+    assert cells[1] == ["lorafit --compile", "0.500", "61.5", "30.8", "90%", "80%-100%", "1.42x", "-", "-", "-"]
