@@ -59,6 +59,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """
     if torch.is_grad_enabled() and weight.requires_grad:
         return _RMSNorm.apply(x, weight, eps)
+    if x.dtype == weight.dtype == torch.float32:
+        # The same products in the same order, one operation fewer (a decoded token runs 61 norms).
+        return F.rms_norm(x, (x.size(-1),), weight, eps)
     return weight * F.rms_norm(x.float(), (x.size(-1),), eps=eps).to(x.dtype)
 
 
