@@ -134,7 +134,8 @@ class QuantizedLinear(nn.Module):
     def joined_product(layers: Sequence[QuantizedLinear], codes: torch.Tensor) -> Callable[..., torch.Tensor]:
         """x times the int8 layers whose codes ops.join_linears joined into `codes`, as one int8_linear."""
         scale = torch.cat([layer.scale for layer in layers])
-        return partial(int8_linear, qweight=codes, scale=scale, scale_bf16=torch.cat([x.scale_bf16 for x in layers]))
+        scale_bf16 = torch.cat([layer.scale_bf16 for layer in layers])
+        return partial(int8_linear, qweight=codes, scale=scale, scale_bf16=scale_bf16)
 
     @property
     def is_meta(self) -> bool:
