@@ -174,3 +174,9 @@ def make_pair(**overrides) -> tuple[torch.nn.Module, LLaMA]:
     model.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()}, strict=False)
     model.tie_weights()
     return hf, model
+
+
+def rss_file_kib() -> int:
+    """This process's resident pages of file mappings (/proc/self/status RssFile), in KiB."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("RssFile:")).split()[1])

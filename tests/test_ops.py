@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lorafit import ops
 from lorafit.lora import LoRALinear
+from tests.conftest import rss_file_kib
 
 
 def saved_bytes(fn, *inputs: torch.Tensor) -> int:
@@ -445,12 +446,6 @@ def test_project_leaves_training_to_the_layers_own_parameters() -> None:
     model(torch.tensor([[5, 9, 2]])).sum().backward()
     joined = [p for n, p in model.named_parameters() if n.endswith(("q_proj.weight", "up_proj.weight"))]
     assert joined and all(p.grad is not None for p in joined)
-
-
-def rss_file_kib() -> int:
-    """This process's resident pages of file mappings (/proc/self/status RssFile), in KiB."""
-    status = Path("/proc/self/status").read_text()
-    return int(next(line for line in status.splitlines() if line.startswith("RssFile:")).split()[1])
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Linux's madvise and /proc/self")
