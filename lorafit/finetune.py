@@ -25,7 +25,15 @@ from lorafit.hub import checkpoint_origin, resolve_checkpoint
 from lorafit.methods import Method, get_method
 from lorafit.methods.base import base_fingerprint
 from lorafit.model import LLaMA
-from lorafit.rundir import RunDirectoryError, RunLock, check_resume, read_run_file, start_fresh, write_run_file
+from lorafit.rundir import (
+    LOSS_PLOT,
+    RunDirectoryError,
+    RunLock,
+    check_resume,
+    read_run_file,
+    start_fresh,
+    write_run_file,
+)
 from lorafit.runtime import auto_precision_note, autocast, release_large_buffers, resolve_precision, weights_dtype
 from lorafit.tokenizer import Tokenizer
 from lorafit.train import (
@@ -180,7 +188,9 @@ def finetune_here(
             for note in check_resume(saved, fields, run_dir):
                 print(f"resume: {note}")
             fields |= {k: saved.get(k) for k in ("run_id", "started", "base_fingerprint")}
-            n_steps, outputs_written = total_steps(cfg, len(train_set)), method.has_files(run_dir)
+            # The loss plot is written last: a run killed before it has not finished writing its outputs.
+            outputs_written = method.has_files(run_dir) and (run_dir / LOSS_PLOT).exists()
+            n_steps = total_steps(cfg, len(train_set))
             resume_path = checkpoint_to_resume(run_dir, resume, saved["run_id"], n_steps, outputs_written)
         write_run_file(run_dir, fields)
     distributed.barrier()
@@ -234,7 +244,7 @@ def finetune_here(
     # Name the base as the hub does where it came from there, so the adapter loads on other machines too.
     method.save(model, method_config, run_dir, base, base_reference=origin.get("repo_id") or str(base))
     if distributed.is_main():
-        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{method.name} on {Path(str(data)).name}")
+        plot_losses(run_dir / "metrics.jsonl", run_dir / LOSS_PLOT, title=f"{method.name} on {Path(str(data)).name}")
         print(
             f"done: {result.steps} steps in {result.seconds:.0f} s, {result.tokens_per_s:.0f} tokens/s, "
             f"peak memory {result.peak_memory_bytes / 2**30:.2f} GiB; outputs in {run_dir}"

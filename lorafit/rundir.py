@@ -23,6 +23,7 @@ from typing import Any
 from lorafit.io import write_json
 
 RUN_FILE = "lorafit_run.json"
+LOSS_PLOT = "loss.png"  # a finished run's last output
 LOCK_FILE = ".lorafit.lock"
 
 RESUMABLE_CHANGES = (
