@@ -27,6 +27,7 @@ W / (step - fixed); the table gives both, so a shortfall can be told apart from 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from contextlib import ExitStack
@@ -108,8 +109,6 @@ FIXED = ", fixed cost"
 
 def fixed_cost_engines(engines: dict, args: argparse.Namespace) -> dict[str, tuple[torch.nn.Module, object]]:
     """For each packed engine, the same step on a model of the same depth, heads and head size, 16 wide."""
-    import dataclasses
-
     from lorafit.generate import compiled_decode_step, prepare_for_decoding
     from lorafit.model import LLaMA
 

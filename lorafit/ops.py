@@ -152,7 +152,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = x.numel() // x.shape[-1] if x.dim() else 0
     decoding = 0 < rows and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == weight.dtype
     if decoding and rows < ONEDNN_MIN_ROWS and x.dtype == torch.bfloat16:
-        return _without_onednn(F.linear, x, weight, bias)
+        return _linear_without_onednn(x, weight, bias)
     fast = (
         decoding
         and rows <= SPLIT_ROWS
@@ -170,8 +170,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out.view(weight.shape[0], rows).t().contiguous().view(*x.shape[:-1], weight.shape[0])
 
 
-def _without_onednn(function, *args: torch.Tensor | None) -> torch.Tensor:
-    """function(*args) with PyTorch's oneDNN (mkldnn) kernels switched off for the call.
+def _linear_without_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) with PyTorch's oneDNN (mkldnn) kernels switched off for the call.
 
     The switch is the process's (torch.backends.mkldnn.enabled): a product another thread runs meanwhile takes
     PyTorch's kernel too, with the same values. Decoding runs on one thread (a server's decode loop).
@@ -179,7 +179,7 @@ def _without_onednn(function, *args: torch.Tensor | None) -> torch.Tensor:
     enabled = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = False
     try:
-        return function(*args)
+        return F.linear(x, weight, bias)
     finally:
         torch.backends.mkldnn.enabled = enabled
 
